@@ -1,0 +1,54 @@
+"""attrs validators shared by the records; each raises ValueError with the field's name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+
+
+def positive(_inst: Any, attribute: attrs.Attribute, value: int | float) -> None:
+    if isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+def non_negative(_inst: Any, attribute: attrs.Attribute, value: int | float) -> None:
+    if isinstance(value, bool) or value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
+
+
+def fraction(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
+    """A fraction in (0, 1]."""
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{attribute.name} must be in (0, 1], got {value!r}")
+
+
+def unit_interval(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
+    """A threshold in [0, 1]."""
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{attribute.name} must be in [0, 1], got {value!r}")
+
+
+def tensor(*, ndim: int, dtype: torch.dtype | None = None):
+    """Validator: a torch.Tensor with ``ndim`` dimensions (and ``dtype`` when given)."""
+
+    def check(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{attribute.name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.ndim != ndim:
+            raise ValueError(f"{attribute.name} must have {ndim} dims, got shape {tuple(value.shape)}")
+        if dtype is not None and value.dtype != dtype:
+            raise ValueError(f"{attribute.name} must be {dtype}, got {value.dtype}")
+
+    return check
+
+
+def optional_tensor(*, ndim: int, dtype: torch.dtype | None = None):
+    inner = tensor(ndim=ndim, dtype=dtype)
+
+    def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None:
+            inner(inst, attribute, value)
+
+    return check

@@ -1,0 +1,120 @@
+"""Cache actions: the data a policy returns and a backend executes.
+
+Every token index in an action is a *logical position* (0 = first prompt token), never a
+slot in some backend's storage, so the same action means the same thing on every backend
+and after earlier evictions. Per-head sets are ragged; they travel padded as
+``indices [B, H, K]`` with ``lengths [B, H]``: entries at or past a head's length are
+padding and carry no meaning.
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import attrs
+import torch
+
+from hcpolicy._validate import non_negative, tensor
+
+
+def _heads(value: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    return tuple(int(h) for h in value)
+
+
+def _check_heads(_inst: object, attribute: attrs.Attribute, value: tuple[int, ...]) -> None:
+    if not value:
+        raise ValueError(f"{attribute.name} must name at least one KV head")
+    if min(value) < 0:
+        raise ValueError(f"{attribute.name} must be non-negative, got {value}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{attribute.name} has duplicates: {value}")
+
+
+@attrs.frozen
+class Selection:
+    """A set of logical positions per (sequence, KV head), ascending, padded.
+
+    indices: [B, H, K] int64; lengths: [B, H] int64 with 0 <= lengths <= K.
+    """
+
+    indices: torch.Tensor = attrs.field(validator=tensor(ndim=3, dtype=torch.int64))
+    lengths: torch.Tensor = attrs.field(validator=tensor(ndim=2, dtype=torch.int64))
+
+    def __attrs_post_init__(self) -> None:
+        if tuple(self.lengths.shape) != tuple(self.indices.shape[:2]):
+            raise ValueError(
+                f"lengths shape {tuple(self.lengths.shape)} must equal indices' leading dims "
+                f"{tuple(self.indices.shape[:2])}"
+            )
+
+    @property
+    def num_heads(self) -> int:
+        return self.indices.shape[1]
+
+    def valid(self) -> torch.Tensor:
+        """[B, H, K] bool: which entries are real (not padding)."""
+        k = torch.arange(self.indices.shape[2], device=self.indices.device)
+        return k < self.lengths.unsqueeze(-1)
+
+    def as_lists(self) -> list[list[list[int]]]:
+        """Host copy as nested lists (syncs; for tests, reports and host-side backends)."""
+        lengths = self.lengths.tolist()
+        rows = self.indices.tolist()
+        return [[row[:n] for row, n in zip(rb, lb)] for rb, lb in zip(rows, lengths)]
+
+
+def _selection_heads_match(inst: "Select | Recall | Attend", _a: attrs.Attribute, value: Selection) -> None:
+    if value.num_heads != len(inst.heads):
+        raise ValueError(
+            f"selection covers {value.num_heads} heads but heads names {len(inst.heads)}: {inst.heads}"
+        )
+
+
+@attrs.frozen
+class Select:
+    """Keep exactly these positions of ``heads`` on the device; the rest leave the device.
+
+    Positions a backend had offloaded (see ``Offload``) stay recallable from the host.
+    """
+
+    layer: int = attrs.field(validator=non_negative)
+    heads: tuple[int, ...] = attrs.field(converter=_heads, validator=_check_heads)
+    selection: Selection = attrs.field(validator=_selection_heads_match)
+
+
+@attrs.frozen
+class Offload:
+    """Copy the full current KV of ``heads`` to the host store (before a Select drops any)."""
+
+    layer: int = attrs.field(validator=non_negative)
+    heads: tuple[int, ...] = attrs.field(converter=_heads, validator=_check_heads)
+
+
+@attrs.frozen
+class Recall:
+    """Replace the offloaded positions ``heads`` hold on the device with ``selection``.
+
+    Every recalled position must be in the host copy made by ``Offload``. Tokens that were
+    never offloaded (generated after it) stay on the device untouched.
+    """
+
+    layer: int = attrs.field(validator=non_negative)
+    heads: tuple[int, ...] = attrs.field(converter=_heads, validator=_check_heads)
+    selection: Selection = attrs.field(validator=_selection_heads_match)
+
+
+@attrs.frozen
+class Attend:
+    """For the current decode step only, attend ``heads`` to these device positions.
+
+    Nothing is evicted: this is query-aware sparse attention (Quest). Positions must be
+    on the device.
+    """
+
+    layer: int = attrs.field(validator=non_negative)
+    heads: tuple[int, ...] = attrs.field(converter=_heads, validator=_check_heads)
+    selection: Selection = attrs.field(validator=_selection_heads_match)
+
+
+Action: TypeAlias = Select | Offload | Recall | Attend
+ACTION_TYPES: tuple[type, ...] = (Select, Offload, Recall, Attend)

@@ -1,0 +1,97 @@
+"""Observations: what a backend hands a policy at each layer of prefill and decode."""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+import torch
+
+from hcpolicy._validate import non_negative, positive, tensor
+
+
+class Phase(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@attrs.frozen
+class LayerCache:
+    """The device-resident KV of one layer, ragged per (sequence, KV head), padded.
+
+    keys: [B, H_kv, L, D]; positions: [B, H_kv, L] int64 logical positions, ascending in
+    the valid prefix; lengths: [B, H_kv] int64 valid entries per head; values: optional
+    [B, H_kv, L, D]. A dense (uncompressed) cache has lengths == L everywhere.
+    """
+
+    keys: torch.Tensor = attrs.field(validator=tensor(ndim=4))
+    positions: torch.Tensor = attrs.field(validator=tensor(ndim=3, dtype=torch.int64))
+    lengths: torch.Tensor = attrs.field(validator=tensor(ndim=2, dtype=torch.int64))
+    values: torch.Tensor | None = attrs.field(default=None)
+
+    def __attrs_post_init__(self) -> None:
+        b, h, length, _ = self.keys.shape
+        if tuple(self.positions.shape) != (b, h, length):
+            raise ValueError(f"positions {tuple(self.positions.shape)} must be {(b, h, length)}")
+        if tuple(self.lengths.shape) != (b, h):
+            raise ValueError(f"lengths {tuple(self.lengths.shape)} must be {(b, h)}")
+        if self.values is not None and self.values.shape[:3] != self.keys.shape[:3]:
+            raise ValueError(f"values {tuple(self.values.shape)} must match keys {tuple(self.keys.shape)}")
+
+    @classmethod
+    def dense(cls, keys: torch.Tensor, values: torch.Tensor | None = None) -> "LayerCache":
+        """An uncompressed cache: every head holds positions 0..L-1. keys: [B, H_kv, L, D]."""
+        b, h, length, _ = keys.shape
+        positions = torch.arange(length, device=keys.device).expand(b, h, length)
+        lengths = torch.full((b, h), length, dtype=torch.int64, device=keys.device)
+        return cls(keys=keys, positions=positions, lengths=lengths, values=values)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    def valid(self) -> torch.Tensor:
+        """[B, H_kv, L] bool: real entries (not padding)."""
+        ar = torch.arange(self.keys.shape[2], device=self.keys.device)
+        return ar < self.lengths.unsqueeze(-1)
+
+
+@attrs.frozen
+class Observation:
+    """One layer's view at one step.
+
+    queries: [B, H_q, Q, D] post-RoPE queries (prefill: the last Q prompt queries the policy
+    asked for; decode: the new token, Q = 1); query_positions: [Q] int64 logical positions;
+    prompt_length: tokens in the prompt (positions below it are compressible and, once
+    offloaded, recallable); step: decode steps taken before this one (0 at prefill).
+    """
+
+    phase: Phase
+    layer: int = attrs.field(validator=non_negative)
+    queries: torch.Tensor = attrs.field(validator=tensor(ndim=4))
+    query_positions: torch.Tensor = attrs.field(validator=tensor(ndim=1, dtype=torch.int64))
+    cache: LayerCache
+    prompt_length: int = attrs.field(validator=positive)
+    step: int = attrs.field(default=0, validator=non_negative)
+
+    def __attrs_post_init__(self) -> None:
+        if self.queries.shape[2] != self.query_positions.shape[0]:
+            raise ValueError(
+                f"queries hold {self.queries.shape[2]} positions but query_positions has "
+                f"{self.query_positions.shape[0]}"
+            )
+        if self.queries.shape[0] != self.cache.batch_size:
+            raise ValueError("queries and cache disagree on batch size")
+        if self.queries.shape[1] % self.cache.num_kv_heads:
+            raise ValueError(
+                f"query heads ({self.queries.shape[1]}) must be a multiple of KV heads "
+                f"({self.cache.num_kv_heads})"
+            )
+
+    @property
+    def group_size(self) -> int:
+        return self.queries.shape[1] // self.cache.num_kv_heads
