@@ -1,0 +1,97 @@
+"""Drift triggers: decide when a monitored head's attention has moved enough to recall.
+
+A trigger is fed, every decode step, the top-k set of a monitor head's newest query
+(for HeteroCache: a pivot's attention over the prompt) and answers which sequences fire.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Hashable
+
+import attrs
+import torch
+
+from hcpolicy._validate import positive, unit_interval
+from hcpolicy.scores import overlap
+
+
+class DriftTrigger(ABC):
+    """Extension point: subclass and implement ``observe``."""
+
+    def reset(self) -> None:
+        """Forget all state (called at the start of every generation)."""
+
+    def set_reference(self, key: Hashable, topk: torch.Tensor) -> None:
+        """Record the reference set a monitor starts from. topk: [B, k] int64."""
+
+    @abstractmethod
+    def observe(self, key: Hashable, step: int, topk: torch.Tensor, universe: int) -> torch.Tensor | None:
+        """Feed one step. topk: [B, k] int64 indices into [0, universe).
+
+        Returns [B] bool (True = recall for that sequence now), or None when this step is
+        not a decision point. Returning a device tensor keeps the step free of host syncs.
+        """
+
+
+@attrs.define
+class WindowedOverlap(DriftTrigger):
+    """The paper's trigger: every ``window`` steps, the median over the buffered queries of
+    the overlap with the reference set; below ``tau`` the monitor fires and the reference
+    becomes the newest query's set.
+
+    ``per_sequence=False`` reproduces the reference code, which averages the overlap over the
+    batch so that all sequences fire together; True decides each sequence on its own.
+    """
+
+    window: int = attrs.field(default=5, validator=positive)
+    tau: float = attrs.field(default=0.5, validator=unit_interval)
+    per_sequence: bool = True
+    _reference: dict = attrs.field(factory=dict, init=False, repr=False)
+    _buffer: dict = attrs.field(factory=dict, init=False, repr=False)
+
+    def reset(self) -> None:
+        self._reference.clear()
+        self._buffer.clear()
+
+    def set_reference(self, key: Hashable, topk: torch.Tensor) -> None:
+        self._reference[key] = topk
+        self._buffer[key] = []
+
+    def observe(self, key: Hashable, step: int, topk: torch.Tensor, universe: int) -> torch.Tensor | None:
+        if key not in self._reference:
+            raise KeyError(f"monitor {key!r} has no reference set; call set_reference first")
+        buffer = self._buffer[key]
+        buffer.append(topk)
+        if len(buffer) < self.window:
+            return None
+        reference = self._reference[key]
+        scores = torch.stack([overlap(t, reference, universe) for t in buffer])  # [W, B]
+        if not self.per_sequence:
+            scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
+        # torch.median takes the lower middle for even W, as a sorted-list median index would
+        fired = scores.median(dim=0).values < self.tau  # [B]
+        newest = buffer[-1]
+        self._reference[key] = torch.where(fired.unsqueeze(-1), newest, reference)
+        self._buffer[key] = []
+        return fired
+
+
+@attrs.define
+class EveryN(DriftTrigger):
+    """Fire for every sequence on every ``n``-th step (steps counted from 0)."""
+
+    n: int = attrs.field(default=5, validator=positive)
+
+    def observe(self, key: Hashable, step: int, topk: torch.Tensor, universe: int) -> torch.Tensor | None:
+        if (step + 1) % self.n:
+            return None
+        return torch.ones(topk.shape[0], dtype=torch.bool, device=topk.device)
+
+
+@attrs.define
+class Never(DriftTrigger):
+    """Never fire: a static selection."""
+
+    def observe(self, key: Hashable, step: int, topk: torch.Tensor, universe: int) -> torch.Tensor | None:
+        return None

@@ -1,0 +1,87 @@
+"""The Policy extension point and the scored-selection template most baselines use."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+import attrs
+import torch
+
+from hcpolicy._validate import fraction
+from hcpolicy.actions import Action, Select
+from hcpolicy.budget import Allocator, BudgetRequest, UniformAllocator
+from hcpolicy.capabilities import Requirements
+from hcpolicy.observe import Observation
+from hcpolicy.scores import topk_selection
+from hcpolicy.spec import ModelSpec
+
+
+class Policy(ABC):
+    """Reads observations, returns actions; never touches a cache, module or stream.
+
+    A backend calls ``reset`` once per generation, ``prefill`` once per layer after the
+    prompt's KV is computed, and (if ``requirements().decode_observations``) ``decode``
+    once per layer per generated token. Only ``prefill`` is required.
+    """
+
+    name: ClassVar[str] = ""
+
+    def requirements(self) -> Requirements:
+        return Requirements()
+
+    def reset(self, spec: ModelSpec, batch_size: int) -> None:
+        """Start a generation for ``batch_size`` sequences of a ``spec``-shaped model."""
+
+    @abstractmethod
+    def prefill(self, obs: Observation) -> Sequence[Action]:
+        """Actions for one layer once the prompt is cached."""
+
+    def decode(self, obs: Observation) -> Sequence[Action]:
+        """Actions for one layer at one decode step (default: none)."""
+        return ()
+
+
+@attrs.define(kw_only=True)
+class ScoredPolicy(Policy):
+    """Keep each head's top tokens by ``score``, with per-head budgets from ``allocator``.
+
+    Subclasses implement one method, ``score``; return +inf for tokens that must stay.
+    ``compression`` is the fraction of the prompt's KV kept on the device.
+    """
+
+    compression: float = attrs.field(default=0.5, validator=fraction)
+    allocator: Allocator = attrs.field(factory=UniformAllocator)
+    _spec: ModelSpec | None = attrs.field(default=None, init=False, repr=False)
+    _batch_size: int = attrs.field(default=1, init=False, repr=False)
+
+    def requirements(self) -> Requirements:
+        return Requirements(
+            actions={Select}, per_head_lengths=not self.allocator.equal_across_heads, query_window=1
+        )
+
+    def reset(self, spec: ModelSpec, batch_size: int) -> None:
+        self._spec = spec
+        self._batch_size = batch_size
+
+    @abstractmethod
+    def score(self, obs: Observation) -> torch.Tensor:
+        """Importance of each cached token: [B, H_kv, L], higher = keep."""
+
+    def prefill(self, obs: Observation) -> Sequence[Action]:
+        if self._spec is None:
+            raise RuntimeError(f"{type(self).__name__}.reset(spec, batch_size) must be called before prefill")
+        scores = self.score(obs)  # [B, H_kv, L]
+        request = BudgetRequest(
+            spec=self._spec,
+            layer=obs.layer,
+            length=obs.prompt_length,
+            compression=self.compression,
+            batch_size=obs.cache.batch_size,
+            scores=scores,
+            device=scores.device,
+        )
+        budgets = self.allocator.budgets(request)  # [B, H_kv]
+        selection = topk_selection(scores, budgets, obs.cache.positions, obs.cache.valid())
+        return [Select(layer=obs.layer, heads=range(obs.cache.num_kv_heads), selection=selection)]
