@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch
+
+from hcpolicy.actions import Offload, Recall, Select
+from hcpolicy.classify import build_profile
+from hcpolicy.drift import EveryN
+from hcpolicy.observe import LayerCache, Observation, Phase
+from hcpolicy.policy.heterocache import HeteroCachePolicy
+from hcpolicy.profile import Role
+from hcpolicy.reference import ReferenceCache, simulate
+from hcpolicy.spec import ModelSpec
+
+SPEC = ModelSpec("synthetic", num_layers=2, num_query_heads=8, num_kv_heads=4, head_dim=16)
+L = 48
+
+
+def profile():
+    stab = torch.tensor([[0.9, 0.8, 0.2, 0.7], [0.3, 0.6, 0.6, 0.55]])
+    adj = torch.zeros(2, 4, 4, dtype=torch.bool)
+    adj[0, 0, 1] = True  # layer 0: pivot 0 -> satellite 1, volatile 2, anchor 3
+    adj[1, 1, 2] = adj[1, 1, 3] = True  # layer 1: volatile 0, pivot 1 -> satellites 2, 3
+    return build_profile(SPEC, stab, adj, tau_stable=0.5)
+
+
+def naive_scores(q: torch.Tensor, k: torch.Tensor, kernel: int = 5) -> torch.Tensor:
+    """Last-token attention, max over the GQA group, centred average pool. q: [H_q, D], k: [H_kv, L, D]."""
+    h_kv, length, d = k.shape
+    g = q.shape[0] // h_kv
+    out = torch.zeros(h_kv, length, dtype=torch.float64)
+    for h in range(h_kv):
+        rows = [torch.softmax(q[h * g + j].double() @ k[h].double().T / math.sqrt(d), -1) for j in range(g)]
+        row = torch.stack(rows).max(0).values
+        for i in range(length):
+            window = row[max(0, i - kernel // 2) : i + kernel // 2 + 1]
+            out[h, i] = window.mean()
+    return out
+
+
+def prefill_obs(layer, q, k):
+    return Observation(
+        phase=Phase.PREFILL, layer=layer, queries=q, query_positions=torch.tensor([L - 1]),
+        cache=LayerCache.dense(k), prompt_length=L,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_prefill_budgets_selection_and_offload(faithful):
+    prof = profile()
+    pol = HeteroCachePolicy(profile=prof, compression=0.7, faithful=faithful)
+    pol.reset(SPEC, 1)
+    gen = torch.Generator().manual_seed(1)
+    h_total, f = 8, prof.num_full_heads
+    base = (0.7 * h_total - f) * L / (h_total - f)
+    for layer in range(2):
+        q = torch.randn(1, 8, 1, 16, generator=gen)
+        k = torch.randn(1, 4, L, 16, generator=gen)
+        actions = pol.prefill(prefill_obs(layer, q, k))
+        offload = [a for a in actions if isinstance(a, Offload)]
+        (select,) = [a for a in actions if isinstance(a, Select)]
+        sats = prof.heads(layer, Role.SATELLITE)
+        assert offload[0].heads == ((0, 1, 2, 3) if faithful else sats)
+        compressed = [h for h, r in enumerate(prof.roles[layer]) if not r.full]
+        assert select.heads == tuple(compressed)  # full heads are never touched
+        scores = naive_scores(q[0, :, 0], k[0])
+        for i, h in enumerate(compressed):
+            budget = min(L, math.floor(base * prof.ratios[layer][h]))
+            assert select.selection.lengths[0, i] == budget
+            expected = sorted(torch.topk(scores[h], budget).indices.tolist())
+            assert select.selection.indices[0, i, :budget].tolist() == expected
+
+
+def decode_obs(layer, step, q, view):
+    return Observation(
+        phase=Phase.DECODE, layer=layer, queries=q, query_positions=torch.tensor([L + step]),
+        cache=view, prompt_length=L, step=step,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_recall_follows_the_pivot(faithful):
+    prof = profile()
+    pol = HeteroCachePolicy(profile=prof, compression=0.7, faithful=faithful, trigger=EveryN(n=1))
+    gen = torch.Generator().manual_seed(2)
+    keys = [torch.randn(1, 4, L, 16, generator=gen) for _ in range(2)]
+    cache = ReferenceCache(keys, [torch.randn_like(k) for k in keys])
+    pol.reset(SPEC, 1)
+    for layer in range(2):
+        cache.apply(pol.prefill(prefill_obs(layer, torch.randn(1, 8, 1, 16, generator=gen), keys[layer])))
+    layer, pivot, sats = 1, 1, (2, 3)
+    cache.append(layer, torch.randn(1, 4, 16, generator=gen), torch.randn(1, 4, 16, generator=gen), L)
+    q = torch.randn(1, 8, 1, 16, generator=gen)
+    actions = pol.decode(decode_obs(layer, 0, q, cache.view(layer)))
+    (recall,) = actions
+    assert isinstance(recall, Recall) and recall.heads == sats
+    cache.apply(actions)
+    scores = naive_scores(q[0, :, 0], keys[layer][0])[pivot]
+    budgets = [pol._budgets[(layer, pivot)][0, i].item() for i in range(2)]
+    for i, s in enumerate(sats):
+        if faithful:  # first l_i of the position-sorted top-max(l)
+            expected = sorted(torch.topk(scores, max(budgets)).indices.tolist())[: budgets[i]]
+        else:  # the satellite's own budget of the pivot's top tokens
+            expected = sorted(torch.topk(scores, budgets[i]).indices.tolist())
+        on_device = sorted(cache.layers[layer][0][s].device)
+        assert on_device == expected + [L]  # the generated token stays
+
+
+def test_keep_heads_full_and_memory_follows_compression():
+    pol = HeteroCachePolicy(profile=profile(), compression=0.75)
+    cache, _, _ = simulate(pol, SPEC, batch_size=2, prompt_length=200, decode_steps=0)
+    assert cache.device_tokens() == pytest.approx(0.75 * 2 * 8 * 200, rel=0.02)
+    assert cache.host_tokens() == 2 * 3 * 200  # three satellites offloaded in full
+
+
+def test_errors():
+    prof = profile()
+    with pytest.raises(ValueError, match=r"choose compression > 0\.5000"):
+        HeteroCachePolicy(profile=prof, compression=0.5)
+    with pytest.raises(ValueError):
+        HeteroCachePolicy(profile=prof, compression=1.5)
+    pol = HeteroCachePolicy(profile=prof, compression=0.8)
+    with pytest.raises(ValueError, match="does not match this model"):
+        pol.reset(ModelSpec("synthetic", 2, 8, 4, 32), 1)
+    with pytest.raises(RuntimeError, match="reset"):
+        pol.prefill(prefill_obs(0, torch.randn(1, 8, 1, 16), torch.randn(1, 4, L, 16)))

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from hcpolicy.drift import EveryN, Never, WindowedOverlap
+
+U = 100
+
+
+def sets(*rows: list[int]) -> torch.Tensor:
+    return torch.tensor(rows)
+
+
+def test_windowed_overlap_fires_on_median_below_tau():
+    trig = WindowedOverlap(window=3, tau=0.5)
+    trig.set_reference("p", sets([0, 1, 2, 3]))
+    same, half, none = sets([0, 1, 2, 3]), sets([0, 1, 8, 9]), sets([7, 8, 9, 6])
+    assert trig.observe("p", 0, same, U) is None
+    assert trig.observe("p", 1, none, U) is None
+    assert trig.observe("p", 2, none, U).tolist() == [True]  # median of 1, 0, 0 = 0 < .5
+    # the reference is now the newest set ({6,7,8,9}); a window that overlaps it half does not fire
+    for step in range(3, 5):
+        assert trig.observe("p", step, half, U) is None
+    assert trig.observe("p", 5, half, U).tolist() == [False]
+
+
+def test_per_sequence_versus_batch_average():
+    ref = sets([0, 1, 2, 3], [0, 1, 2, 3])
+    drift = sets([0, 1, 2, 3], [6, 7, 8, 9])  # sequence 0 stays, sequence 1 moves away
+    per_seq = WindowedOverlap(window=1, tau=0.6, per_sequence=True)
+    per_seq.set_reference("p", ref)
+    assert per_seq.observe("p", 0, drift, U).tolist() == [False, True]
+    averaged = WindowedOverlap(window=1, tau=0.6, per_sequence=False)
+    averaged.set_reference("p", ref)
+    assert averaged.observe("p", 0, drift, U).tolist() == [True, True]  # mean overlap .5 < .6
+
+
+def test_unknown_monitor_and_validation():
+    with pytest.raises(KeyError, match="no reference"):
+        WindowedOverlap().observe("x", 0, sets([1]), U)
+    with pytest.raises(ValueError):
+        WindowedOverlap(window=0)
+    with pytest.raises(ValueError):
+        WindowedOverlap(tau=1.5)
+
+
+def test_every_n_and_never():
+    t = EveryN(n=3)
+    fired = [t.observe("p", s, sets([1], [2]), U) for s in range(6)]
+    assert [f is not None for f in fired] == [False, False, True, False, False, True]
+    assert fired[2].tolist() == [True, True]
+    assert all(Never().observe("p", s, sets([1]), U) is None for s in range(4))

@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+
+from hcpolicy.classify import build_profile
+from hcpolicy.profile import HeadProfile, Role
+from hcpolicy.spec import ModelSpec
+
+SPEC = ModelSpec("synthetic", num_layers=2, num_query_heads=8, num_kv_heads=4, head_dim=16)
+
+
+def make_profile(spec: ModelSpec = SPEC) -> HeadProfile:
+    stab = torch.tensor([[0.9, 0.8, 0.2, 0.7], [0.3, 0.6, 0.6, 0.55]])[: spec.num_layers]
+    adj = torch.zeros(spec.num_layers, spec.num_kv_heads, spec.num_kv_heads, dtype=torch.bool)
+    adj[0, 0, 1] = True  # layer 0: 0 pivot, 1 satellite; 2 volatile; 3 anchor
+    adj[1, 1, 2] = adj[1, 1, 3] = True  # layer 1: 1 pivot of 2 and 3; 0 volatile
+    return build_profile(spec, stab, adj, tau_stable=0.5, settings={"note": "test"})
+
+
+def test_roles_and_counts():
+    p = make_profile()
+    assert p.roles[0] == (Role.PIVOT, Role.SATELLITE, Role.VOLATILE, Role.ANCHOR)
+    assert p.roles[1] == (Role.VOLATILE, Role.PIVOT, Role.SATELLITE, Role.SATELLITE)
+    assert p.role_counts() == {"anchor": 1, "volatile": 2, "pivot": 2, "satellite": 3}
+    assert p.clusters == ({0: (1,)}, {1: (2, 3)})
+    assert p.min_compression == pytest.approx(4 / 8)
+
+
+def test_ratios_are_inverse_stability_with_global_mean_one():
+    p = make_profile()
+    comp = [(0, 1), (0, 3), (1, 2), (1, 3)]
+    inv = [1 / (p.stability[l][h] + 1e-6) for l, h in comp]
+    mean = sum(inv) / len(inv)
+    for (l, h), w in zip(comp, inv):
+        assert p.ratios[l][h] == pytest.approx(w / mean)
+    assert sum(p.ratios[l][h] for l, h in comp) / 4 == pytest.approx(1.0)
+    assert p.ratios[0][0] is None and p.ratios[1][0] is None
+
+
+def test_json_roundtrip(tmp_path):
+    p = make_profile()
+    path = p.save(tmp_path / "p.json")
+    q = HeadProfile.load(path, spec=SPEC)
+    assert q == p
+    assert json.loads(path.read_text())["version"] == 1
+
+
+def test_load_for_other_model_fails_clearly(tmp_path):
+    path = make_profile().save(tmp_path / "p.json")
+    other = ModelSpec("synthetic", num_layers=2, num_query_heads=8, num_kv_heads=4, head_dim=32)
+    with pytest.raises(ValueError, match="head_dim: profile has 16, model has 32"):
+        HeadProfile.load(path, spec=other)
+    with pytest.raises(ValueError, match="num_layers"):
+        make_profile().check(ModelSpec("synthetic", 3, 8, 4, 16))
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        HeadProfile.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        HeadProfile.load(bad)
+    data = make_profile().to_dict()
+    data["version"] = 99
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="version 99"):
+        HeadProfile.load(bad)
+    data = make_profile().to_dict()
+    del data["roles"]
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="missing the field 'roles'"):
+        HeadProfile.load(bad)
+
+
+def test_inconsistent_profiles_rejected():
+    data = make_profile().to_dict()
+    data["roles"][0][1] = "anchor"  # a cluster member that is not a satellite
+    with pytest.raises(ValueError, match="not a satellite"):
+        HeadProfile.from_dict(data)
+    data = make_profile().to_dict()
+    data["ratios"][0][0] = 1.0  # a pivot with a ratio
+    with pytest.raises(ValueError, match="pivot head must have ratio None"):
+        HeadProfile.from_dict(data)
+    data = make_profile().to_dict()
+    data["stability"][1] = data["stability"][1][:3]
+    with pytest.raises(ValueError, match=r"stability must be \[2\]\[4\]"):
+        HeadProfile.from_dict(data)
+    data = make_profile().to_dict()
+    data["clusters"][1] = {"1": [2]}  # satellite 3 loses its pivot
+    with pytest.raises(ValueError, match=r"satellites \[3\] have no pivot"):
+        HeadProfile.from_dict(data)
+
+
+def test_model_spec_validation():
+    with pytest.raises(ValueError, match="multiple"):
+        ModelSpec("x", 1, 6, 4, 8)
+    with pytest.raises(ValueError, match="num_layers must be > 0"):
+        ModelSpec("x", 0, 4, 4, 8)
