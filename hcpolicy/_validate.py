@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -16,6 +17,16 @@ def positive(_inst: Any, attribute: attrs.Attribute, value: int | float) -> None
 def non_negative(_inst: Any, attribute: attrs.Attribute, value: int | float) -> None:
     if isinstance(value, bool) or value < 0:
         raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
+
+
+def integer(minimum: int) -> Callable[[Any, attrs.Attribute, Any], None]:
+    """Validator: an int (not a bool) >= ``minimum``."""
+
+    def check(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{attribute.name} must be an integer >= {minimum}, got {value!r}")
+
+    return check
 
 
 def fraction(_inst: Any, attribute: attrs.Attribute, value: float) -> None:

@@ -74,7 +74,9 @@ class UniformAllocator(Allocator):
 class PyramidAllocator(Allocator):
     """PyramidKV: budgets fall linearly from the first layer to the last, averaging C * L.
 
-    The last layer keeps avg / beta; the first keeps 2 * avg - avg / beta (clamped to L).
+    The last layer keeps avg / beta; the first keeps 2 * avg - avg / beta. When that first
+    budget would exceed L it is capped at L and the last raised to 2 * avg - L, so the mean
+    stays C * L (and C = 1 keeps everything).
     """
 
     equal_across_heads: ClassVar[bool] = True
@@ -83,10 +85,15 @@ class PyramidAllocator(Allocator):
 
     def budgets(self, request: BudgetRequest) -> torch.Tensor:
         avg = request.compression * request.length
+        n = request.spec.num_layers
+        if n == 1:
+            return request.fill(min(request.length, max(1, round(avg))))
         low = avg / self.beta
         high = 2 * avg - low
-        n = request.spec.num_layers
-        frac = request.layer / (n - 1) if n > 1 else 0.0
+        if high > request.length:
+            high = request.length
+            low = 2 * avg - high
+        frac = request.layer / (n - 1)
         per_layer = high - (high - low) * frac
         return request.fill(min(request.length, max(1, round(per_layer))))
 
@@ -141,6 +148,10 @@ class InverseStabilityAllocator(Allocator):
         return (compression * h - f) * length / (h - f)
 
     def budgets(self, request: BudgetRequest) -> torch.Tensor:
+        if request.compression >= 1.0:
+            # base = L there, and min(L * r_h, L) would cut every head with r_h < 1: C = 1
+            # must mean the full KV
+            return request.fill(request.length)
         base = self.base(request.compression, request.length)
         per_head = [
             request.length if ratio is None else min(request.length, math.floor(base * ratio))

@@ -60,10 +60,7 @@ class ReferenceCache:
             elif isinstance(action, Recall):
                 self._recall(action)
             elif isinstance(action, Attend):
-                for i, h in enumerate(action.heads):
-                    self._attend[(action.layer, h)] = Selection(
-                        indices=action.selection.indices[:, i : i + 1], lengths=action.selection.lengths[:, i : i + 1]
-                    )
+                self._attend_view(action)
             else:
                 raise ActionError(f"unknown action {action!r}")
 
@@ -107,6 +104,23 @@ class ReferenceCache:
                 kept = {p: kv for p, kv in head.device.items() if p not in head.host}
                 kept.update({p: head.host[p] for p in positions})
                 head.device = dict(sorted(kept.items()))
+
+    def _attend_view(self, a: Attend) -> None:
+        # checked here, not in attend(), so a bad view fails as an ActionError when applied
+        self._heads(a.layer, a.heads)
+        self._check_batch(a.selection)
+        for b, per_head in enumerate(a.selection.as_lists()):
+            for h, positions in zip(a.heads, per_head):
+                _check_ascending(positions, a)
+                if not positions:
+                    raise ActionError(f"{a.layer=} head {h} seq {b}: an Attend view must keep a token")
+                missing = [p for p in positions if p not in self.layers[a.layer][b][h].device]
+                if missing:
+                    raise ActionError(f"{a.layer=} head {h} seq {b}: positions {missing[:5]} are not on the device")
+        for i, h in enumerate(a.heads):
+            self._attend[(a.layer, h)] = Selection(
+                indices=a.selection.indices[:, i : i + 1], lengths=a.selection.lengths[:, i : i + 1]
+            )
 
     def _check_batch(self, selection: Selection) -> None:
         if selection.indices.shape[0] != self.batch_size:

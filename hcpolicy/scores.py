@@ -57,12 +57,24 @@ def group_reduce(x: torch.Tensor, num_kv_heads: int, how: Reduce) -> torch.Tenso
     raise ValueError(f"unknown reduction {how!r}; use 'mean', 'max' or 'sum'")
 
 
-def pool1d(scores: torch.Tensor, kernel: int, how: Literal["avg", "max"] = "avg") -> torch.Tensor:
-    """Smooth scores along the last dim with a centred window; same length out. [..., L]."""
+def pool1d(
+    scores: torch.Tensor,
+    kernel: int,
+    how: Literal["avg", "max"] = "avg",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Smooth scores along the last dim with a centred window; same length out. [..., L].
+
+    mask: [..., L] bool or None. Entries where it is False neither feed their neighbours
+    nor change; every other entry pools over the unmasked entries of its window (so a mask
+    edge is treated like the sequence edge).
+    """
     if kernel <= 1:
         return scores
     if kernel % 2 == 0:
         raise ValueError(f"pooling kernel must be odd, got {kernel}")
+    if mask is not None:
+        return _masked_pool1d(scores, kernel, how, mask)
     shape = scores.shape
     flat = scores.reshape(-1, 1, shape[-1])
     if how == "avg":
@@ -73,6 +85,23 @@ def pool1d(scores: torch.Tensor, kernel: int, how: Literal["avg", "max"] = "avg"
     else:
         raise ValueError(f"unknown pooling {how!r}; use 'avg' or 'max'")
     return pooled.reshape(shape)
+
+
+def _masked_pool1d(scores: torch.Tensor, kernel: int, how: str, mask: torch.Tensor) -> torch.Tensor:
+    shape = scores.shape
+    x = scores.reshape(-1, 1, shape[-1])  # [N, 1, L]
+    keep = mask.expand(shape).reshape(-1, 1, shape[-1])  # [N, 1, L]
+    pad = kernel // 2
+    if how == "avg":
+        # sum over kept neighbours / count of kept neighbours (avg_pool's 1/kernel cancels)
+        total = F.avg_pool1d(x.masked_fill(~keep, 0.0), kernel, stride=1, padding=pad, count_include_pad=True)
+        count = F.avg_pool1d(keep.to(x.dtype), kernel, stride=1, padding=pad, count_include_pad=True)
+        pooled = total / count.clamp_min(torch.finfo(x.dtype).tiny)
+    elif how == "max":
+        pooled = F.max_pool1d(x.masked_fill(~keep, float("-inf")), kernel, stride=1, padding=pad)
+    else:
+        raise ValueError(f"unknown pooling {how!r}; use 'avg' or 'max'")
+    return torch.where(keep, pooled, x).reshape(shape)
 
 
 def topk_selection(

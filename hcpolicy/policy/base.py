@@ -10,7 +10,7 @@ import attrs
 import torch
 
 from hcpolicy._validate import fraction
-from hcpolicy.actions import Action, Select
+from hcpolicy.actions import Action, Select, Selection
 from hcpolicy.budget import Allocator, BudgetRequest, UniformAllocator
 from hcpolicy.capabilities import Requirements
 from hcpolicy.observe import Observation
@@ -42,13 +42,22 @@ class Policy(ABC):
         """Actions for one layer at one decode step (default: none)."""
         return ()
 
+    def _require_reset(self, spec: ModelSpec | None) -> ModelSpec:
+        """The spec ``reset`` stored (pass it in), or a clear error if a backend skipped reset."""
+        if spec is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.reset(spec, batch_size) must be called before prefill or decode"
+            )
+        return spec
+
 
 @attrs.define(kw_only=True)
 class ScoredPolicy(Policy):
     """Keep each head's top tokens by ``score``, with per-head budgets from ``allocator``.
 
     Subclasses implement one method, ``score``; return +inf for tokens that must stay.
-    ``compression`` is the fraction of the prompt's KV kept on the device.
+    ``select`` may be overridden when what must stay depends on the budgets (H2O's recent
+    window). ``compression`` is the fraction of the prompt's KV kept on the device.
     """
 
     compression: float = attrs.field(default=0.5, validator=fraction)
@@ -69,12 +78,15 @@ class ScoredPolicy(Policy):
     def score(self, obs: Observation) -> torch.Tensor:
         """Importance of each cached token: [B, H_kv, L], higher = keep."""
 
+    def select(self, obs: Observation, scores: torch.Tensor, budgets: torch.Tensor) -> Selection:
+        """Each head's top ``budgets`` tokens by ``scores`` ([B, H_kv, L]; budgets [B, H_kv])."""
+        return topk_selection(scores, budgets, obs.cache.positions, obs.cache.valid())
+
     def prefill(self, obs: Observation) -> Sequence[Action]:
-        if self._spec is None:
-            raise RuntimeError(f"{type(self).__name__}.reset(spec, batch_size) must be called before prefill")
+        spec = self._require_reset(self._spec)
         scores = self.score(obs)  # [B, H_kv, L]
         request = BudgetRequest(
-            spec=self._spec,
+            spec=spec,
             layer=obs.layer,
             length=obs.prompt_length,
             compression=self.compression,
@@ -83,5 +95,5 @@ class ScoredPolicy(Policy):
             device=scores.device,
         )
         budgets = self.allocator.budgets(request)  # [B, H_kv]
-        selection = topk_selection(scores, budgets, obs.cache.positions, obs.cache.valid())
+        selection = self.select(obs, scores, budgets)
         return [Select(layer=obs.layer, heads=range(obs.cache.num_kv_heads), selection=selection)]

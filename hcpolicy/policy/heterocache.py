@@ -74,12 +74,11 @@ class HeteroCachePolicy(Policy):
 
     # -- prefill ------------------------------------------------------------------------------
     def prefill(self, obs: Observation) -> Sequence[Action]:
-        if self._spec is None:
-            raise RuntimeError("HeteroCachePolicy.reset(spec, batch_size) must be called before prefill")
+        spec = self._require_reset(self._spec)
         layer, length = obs.layer, obs.prompt_length
         scores = self._last_token_scores(obs.queries[:, :, -1:], obs.query_positions[-1:], obs.cache)  # [B, H_kv, L]
         request = BudgetRequest(
-            spec=self._spec, layer=layer, length=length, compression=self.compression,
+            spec=spec, layer=layer, length=length, compression=self.compression,
             batch_size=obs.cache.batch_size, device=scores.device,
         )  # fmt: skip
         budgets = self._allocator.budgets(request)  # [B, H_kv]
@@ -107,6 +106,7 @@ class HeteroCachePolicy(Policy):
 
     # -- decode -------------------------------------------------------------------------------
     def decode(self, obs: Observation) -> Sequence[Action]:
+        self._require_reset(self._spec)
         actions: list[Action] = []
         for pivot, sats in self.profile.clusters[obs.layer].items():
             if not sats:
