@@ -21,16 +21,21 @@ class LayerCache:
 
     keys: [B, H_kv, L, D]; positions: [B, H_kv, L] int64 logical positions, ascending in
     the valid prefix; lengths: [B, H_kv] int64 valid entries per head; values: optional
-    [B, H_kv, L, D]. A dense (uncompressed) cache has lengths == L everywhere.
+    [B, H_kv, L, D]; starts: optional [B] int64 first real position of each sequence (the
+    positions before it are left padding of a batch and are never valid). A dense
+    (uncompressed) cache has lengths == L everywhere.
     """
 
     keys: torch.Tensor = attrs.field(validator=tensor(ndim=4))
     positions: torch.Tensor = attrs.field(validator=tensor(ndim=3, dtype=torch.int64))
     lengths: torch.Tensor = attrs.field(validator=tensor(ndim=2, dtype=torch.int64))
     values: torch.Tensor | None = attrs.field(default=None)
+    starts: torch.Tensor | None = attrs.field(default=None)
 
     def __attrs_post_init__(self) -> None:
         b, h, length, _ = self.keys.shape
+        if self.starts is not None and tuple(self.starts.shape) != (b,):
+            raise ValueError(f"starts {tuple(self.starts.shape)} must be {(b,)}")
         if tuple(self.positions.shape) != (b, h, length):
             raise ValueError(f"positions {tuple(self.positions.shape)} must be {(b, h, length)}")
         if tuple(self.lengths.shape) != (b, h):
@@ -39,12 +44,14 @@ class LayerCache:
             raise ValueError(f"values {tuple(self.values.shape)} must match keys {tuple(self.keys.shape)}")
 
     @classmethod
-    def dense(cls, keys: torch.Tensor, values: torch.Tensor | None = None) -> "LayerCache":
+    def dense(
+        cls, keys: torch.Tensor, values: torch.Tensor | None = None, starts: torch.Tensor | None = None
+    ) -> "LayerCache":
         """An uncompressed cache: every head holds positions 0..L-1. keys: [B, H_kv, L, D]."""
         b, h, length, _ = keys.shape
         positions = torch.arange(length, device=keys.device).expand(b, h, length)
         lengths = torch.full((b, h), length, dtype=torch.int64, device=keys.device)
-        return cls(keys=keys, positions=positions, lengths=lengths, values=values)
+        return cls(keys=keys, positions=positions, lengths=lengths, values=values, starts=starts)
 
     @property
     def batch_size(self) -> int:
@@ -55,9 +62,12 @@ class LayerCache:
         return self.keys.shape[1]
 
     def valid(self) -> torch.Tensor:
-        """[B, H_kv, L] bool: real entries (not padding)."""
+        """[B, H_kv, L] bool: real entries (neither storage padding nor left padding)."""
         ar = torch.arange(self.keys.shape[2], device=self.keys.device)
-        return ar < self.lengths.unsqueeze(-1)
+        valid = ar < self.lengths.unsqueeze(-1)
+        if self.starts is not None:
+            valid &= self.positions >= self.starts.view(-1, 1, 1)
+        return valid
 
 
 @attrs.frozen

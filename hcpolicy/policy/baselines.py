@@ -54,9 +54,11 @@ class StreamingLLM(ScoredPolicy):
 
     def score(self, obs: Observation) -> torch.Tensor:
         positions = obs.cache.positions  # [B, H_kv, L]
+        # sinks count from each sequence's first real token (after any left padding)
+        offset = positions if obs.cache.starts is None else positions - obs.cache.starts.view(-1, 1, 1)
         # recency is the score, so the top-k after the sinks is the most recent run of tokens
         # (float32 holds positions exactly up to 2**24)
-        return torch.where(positions < self.sinks, _INF, positions.float())
+        return torch.where((offset >= 0) & (offset < self.sinks), _INF, positions.float())
 
 
 @attrs.define(kw_only=True)

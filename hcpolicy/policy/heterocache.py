@@ -158,4 +158,4 @@ def _prompt_view(cache: LayerCache, head: int, prompt_length: int) -> LayerCache
     keys = cache.keys[:, head : head + 1, :prompt_length]
     positions = cache.positions[:, head : head + 1, :prompt_length]
     lengths = cache.lengths[:, head : head + 1].clamp(max=prompt_length)
-    return LayerCache(keys=keys, positions=positions, lengths=lengths)
+    return LayerCache(keys=keys, positions=positions, lengths=lengths, starts=cache.starts)
