@@ -1,0 +1,269 @@
+"""TransferRuntime: the one object backends use to move KV bytes between device and host."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+from typing import Hashable, Literal, Optional, Sequence
+
+import attrs
+import torch
+
+from hcpolicy.runtime.counters import Tally, TransferCounters
+from hcpolicy.runtime.paths import DirectPath, HostPath, RecallPath, StagedPath, ZeroCopyPath
+from hcpolicy.runtime.plan import RecallRequest
+from hcpolicy.runtime.requests import check_ranges, check_src, make_request
+from hcpolicy.runtime.staging import StagingRing
+from hcpolicy.runtime.store import HostAlloc, HostBlock, HostStore, default_host_alloc, pending_offload
+from hcpolicy.runtime.transfer import Inflight, Transfer
+
+RecallMode = Literal["zero_copy", "staged", "direct"]
+RECALL_MODES: tuple[str, ...] = ("zero_copy", "staged", "direct")
+GatherKernel = Literal["auto", "triton", "torch"]
+Request = tuple[Hashable, torch.Tensor, torch.Tensor]
+
+
+@attrs.frozen
+class HostEntry:
+    """What the store holds for one key: ``rows`` rows of ``row_shape`` in ``dtype``."""
+
+    dtype: torch.dtype
+    row_shape: tuple[int, ...]
+    rows: int
+    nbytes: int
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch.cuda.is_available() is False")
+        return torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    if dev.type != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}")
+    return dev
+
+
+class TransferRuntime:
+    """Host store of offloaded KV rows plus the copies in and out of it.
+
+    device: 'cuda[:i]' (pinned store, async copies on two dedicated streams, ordered with
+        events) or 'cpu' (pageable store, synchronous copies, same API and results).
+    recall_mode: CUDA recall path, see ``hcpolicy.runtime.paths``: 'zero_copy' (default;
+        needs numpy, which torch uses to read ``__cuda_array_interface__``; without numpy
+        the default is 'staged'), 'staged' or 'direct'. Ignored on CPU.
+    staging_bytes: pinned staging for 'staged', split into two alternating buffers.
+    gather_kernel: zero-copy gather: 'triton' (one launch per batch and row size, straight
+        into each ``out``), 'torch' (``index_select`` into scratch, then one scatter), or
+        'auto' (triton when importable). gather_ctas: programs of the triton gather; a few
+        saturate PCIe, and the SMs they leave free keep overlapping compute fast.
+    host_alloc: ``alloc(nbytes) -> uint8 [nbytes]`` CPU tensor (pinned on CUDA); injectable
+        so tests can fail allocations. host_limit_bytes: optional cap on the store's bytes.
+    check_device_rows: range-check ``rows`` that live on the device; that check costs one
+        host sync per recall, so a hot path that trusts its indices turns it off.
+
+    Ordering: every offload and recall starts after the work already queued on the caller's
+    current stream; make a stream wait for a result with ``wait``. A recall of a key runs
+    after that key's offload; an evicted block is released only when no copy touches it.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device = "cuda",
+        *,
+        recall_mode: Optional[RecallMode] = None,
+        staging_bytes: int = 16 << 20,
+        gather_kernel: GatherKernel = "auto",
+        gather_ctas: int = 16,
+        host_alloc: Optional[HostAlloc] = None,
+        host_limit_bytes: Optional[int] = None,
+        check_device_rows: bool = True,
+    ) -> None:
+        self.device = _resolve_device(device)
+        cuda = self.device.type == "cuda"
+        if recall_mode is None:
+            recall_mode = "zero_copy" if importlib.util.find_spec("numpy") else "staged"
+        if recall_mode not in RECALL_MODES:
+            raise ValueError(f"recall_mode must be one of {RECALL_MODES} or None, got {recall_mode!r}")
+        self.recall_mode: RecallMode = recall_mode
+        if gather_kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"gather_kernel must be 'auto', 'triton' or 'torch', got {gather_kernel!r}")
+        if gather_kernel == "auto":
+            gather_kernel = "triton" if importlib.util.find_spec("triton") else "torch"
+        if isinstance(gather_ctas, bool) or not isinstance(gather_ctas, int) or gather_ctas < 1:
+            raise ValueError(f"gather_ctas must be an int >= 1, got {gather_ctas!r}")
+        self.gather_kernel: str = gather_kernel
+        self.gather_ctas = gather_ctas
+        self.check_device_rows = check_device_rows
+        self._tally = Tally()
+        self._store = HostStore(host_alloc or default_host_alloc(pinned=cuda), cuda, host_limit_bytes)
+        self._staging = StagingRing(self._store, staging_bytes)
+        self._inflight = Inflight()
+        self._seq = itertools.count()
+        self._d2h: Optional[torch.cuda.Stream] = None
+        self._h2d: Optional[torch.cuda.Stream] = None
+        if cuda:
+            self._d2h = torch.cuda.Stream(self.device)
+            # Recalls gate decode steps: let their gather blocks jump the compute queue.
+            self._h2d = torch.cuda.Stream(self.device, priority=-1)
+        self._paths: dict[str, RecallPath] = {}
+
+    def _path(self, mode: Optional[RecallMode]) -> RecallPath:
+        name: str = self.recall_mode if mode is None else mode
+        if name not in RECALL_MODES:
+            raise ValueError(f"mode must be one of {RECALL_MODES} or None, got {name!r}")
+        if self._h2d is None:
+            name = "host"  # the CPU runtime has one path; modes only differ on CUDA
+        if name == "zero_copy":  # gather_kernel / gather_ctas may be changed between calls
+            name = f"zero_copy/{self.gather_kernel}/{self.gather_ctas}"
+        if name not in self._paths:
+            self._paths[name] = self._make_path(name)
+        return self._paths[name]
+
+    def _make_path(self, name: str) -> RecallPath:
+        if name == "host":
+            return HostPath(self.device, self._tally)
+        if name == "staged":
+            return StagedPath(self.device, self._tally, self._staging)
+        if name == "direct":
+            return DirectPath(self.device, self._tally)
+        _, kernel, ctas = name.split("/")
+        return ZeroCopyPath(self.device, self._tally, kernel, int(ctas))
+
+    # ---- offload ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def offload(self, key: Hashable, src: torch.Tensor) -> Transfer:
+        """Copy ``src`` [L, *row] (on the runtime's device, L >= 1) into a new host block.
+
+        Async on CUDA: the copy waits for the current stream, and the runtime keeps ``src``
+        alive until it is done; do not write into ``src`` before ``wait``ing for the result.
+        Raises ValueError if ``key`` is present, HostAllocationError if memory runs out
+        (nothing is registered then).
+        """
+        self._reap()
+        check_src(self._store, self.device, key, src)
+        data = self._store.allocate(src.numel() * src.element_size())  # [L * rowbytes] uint8
+        block = HostBlock(key, data, src.dtype, tuple(src.shape[1:]), src.shape[0], next(self._seq))
+        if self._d2h is None:
+            block.typed().copy_(src)
+            event = None
+        else:
+            self._d2h.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._d2h):
+                block.typed().copy_(src, non_blocking=True)
+                event = self._record(self._d2h, src, data)
+            block.ready = event
+        self._store.add(block)
+        self._tally.add(d2h_bytes=block.nbytes, d2h_copies=1, offloads=1)
+        return Transfer(event, self._tally)
+
+    # ---- recall ----------------------------------------------------------------------
+
+    def recall(
+        self, key: Hashable, rows: torch.Tensor, out: torch.Tensor, *, mode: Optional[RecallMode] = None
+    ) -> Transfer:
+        """Gather host rows of ``key`` into ``out``: out[i] = offloaded[rows[i]].
+
+        rows: [n] int64 (any order, repeats allowed) on the CPU or the runtime's device;
+        out: [n, *row] contiguous, same dtype as offloaded, on the runtime's device.
+        mode: this call's recall path (default: the runtime's ``recall_mode``).
+        Raises KeyError for an unknown or evicted key, ValueError for bad rows or out.
+        """
+        return self.recall_many([(key, rows, out)], mode=mode)
+
+    @torch.no_grad()
+    def recall_many(self, requests: Sequence[Request], *, mode: Optional[RecallMode] = None) -> Transfer:
+        """Several recalls as one batch: one gather (or a few large copies) per row size.
+
+        All requests are validated before anything is enqueued; one Transfer covers all.
+        """
+        self._reap()
+        path = self._path(mode)
+        reqs = [make_request(self._store.get(key), self.device, rows, out) for key, rows, out in requests]
+        check_ranges(reqs, self.check_device_rows)
+        live = [r for r in reqs if r.n]
+        path.validate(live)
+        self._tally.add(recalls=len(reqs))
+        if not live:
+            return Transfer(None, self._tally)
+        if path.needs_host_rows:
+            # .cpu() of device rows syncs; host-row paths need them, pass CPU rows to avoid it
+            live = [r if r.rows.device.type == "cpu" else attrs.evolve(r, rows=r.rows.cpu()) for r in live]
+        if self._h2d is None:
+            path.issue(live)
+            return Transfer(None, self._tally)
+        return self._issue_async(path, live, self._h2d)
+
+    def _issue_async(self, path: RecallPath, reqs: list[RecallRequest], h2d: torch.cuda.Stream) -> Transfer:
+        blocks = list({id(r.block): r.block for r in reqs}.values())
+        h2d.wait_stream(torch.cuda.current_stream(self.device))  # rows and out ready
+        offload = pending_offload(blocks)
+        if offload is not None:
+            h2d.wait_event(offload)  # a block is still being offloaded: order after it
+        with torch.cuda.stream(h2d):
+            path.issue(reqs)
+            event = self._record(h2d, *(r.out for r in reqs), *(r.rows for r in reqs),
+                                 *(b.data for b in blocks))
+        for block in blocks:
+            block.last_read = event
+        return Transfer(event, self._tally)
+
+    # ---- ordering, lifetime, accounting ----------------------------------------------
+
+    def wait(self, transfer: Transfer, stream: Optional[torch.cuda.Stream] = None) -> None:
+        """Make ``stream`` (default: the current stream) wait for ``transfer``; no host sync."""
+        if transfer.event is not None:
+            (stream or torch.cuda.current_stream(self.device)).wait_event(transfer.event)
+
+    def evict(self, key: Hashable) -> None:
+        """Drop ``key`` (KeyError if absent). Its memory is released once no in-flight copy
+        touches it (checked without blocking on later calls, or by ``synchronize``)."""
+        self._store.remove(key)
+        self._tally.add(evictions=1)
+        self._reap()
+
+    def synchronize(self) -> None:
+        """Block until every copy issued so far is done; release evicted memory."""
+        if self._h2d is not None and self._d2h is not None:
+            with self._tally.waiting():
+                self._d2h.synchronize()
+                self._h2d.synchronize()
+        self._reap()
+
+    def _record(self, stream: torch.cuda.Stream, *refs: object) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(stream)
+        self._inflight.hold(event, *refs)
+        return event
+
+    def _reap(self) -> None:
+        self._inflight.reap()
+        self._store.reap()
+
+    def counters(self) -> TransferCounters:
+        return self._tally.snapshot()
+
+    def entry(self, key: Hashable) -> HostEntry:
+        b = self._store.get(key)
+        return HostEntry(b.dtype, b.row_shape, b.rows, b.nbytes)
+
+    def host_bytes(self) -> int:
+        """Bytes of the live keys' blocks (evicted blocks awaiting release not included)."""
+        return self._store.held_bytes()
+
+    def pending_bytes(self) -> int:
+        """Bytes of evicted blocks not yet released (copies still in flight)."""
+        return self._store.retiring_bytes()
+
+    def staging_bytes(self) -> int:
+        return self._staging.nbytes
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._store
+
+    def __len__(self) -> int:
+        return len(self._store)
