@@ -87,4 +87,8 @@ POLICIES: Registry = Registry(
         "quest": "hcpolicy.policy.quest:Quest",
     },
 )
-BACKENDS: Registry = Registry("backend", "hcpolicy.backends")
+BACKENDS: Registry = Registry(
+    "backend",
+    "hcpolicy.backends",
+    builtins={"hf": "hcpolicy.backends.hf:HFBackend"},
+)

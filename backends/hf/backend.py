@@ -1,0 +1,88 @@
+"""HFBackend: run a transformers causal LM with a policy-driven HeadwiseCache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from hcpolicy.actions import Attend, Offload, Recall, Select
+from hcpolicy.capabilities import Capabilities, unmet
+from hcpolicy.policy.base import Policy
+from hcpolicy.spec import ModelSpec
+
+from . import compat
+from .attention import NAME, hcpolicy_attention
+from .cache import HeadwiseCache
+
+
+class HFBackend:
+    """Hugging Face transformers: per-head KV lengths, host offload and recall, generate()."""
+
+    name = "hf"
+    capabilities = Capabilities(
+        actions={Select, Offload, Recall, Attend}, per_head_lengths=True, max_batch_size=None, cuda_graphs=False
+    )
+
+    def __init__(self, model: torch.nn.Module, *, headroom: int = 32) -> None:
+        self.model = model
+        self.spec: ModelSpec = compat.model_spec(model)
+        self.headroom = headroom
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def check(self, policy: Policy | None) -> None:
+        """Raise ValueError if this backend cannot serve ``policy``."""
+        if policy is None:
+            return
+        reasons = unmet(self.capabilities, policy.requirements())
+        if reasons:
+            raise ValueError(f"the hf backend cannot serve {type(policy).__name__}: " + "; ".join(reasons))
+
+    @contextmanager
+    def attach(self) -> Iterator["HFBackend"]:
+        """Route the model's attention through hcpolicy for the duration of the block.
+
+        Registers the ``"hcpolicy"`` attention function, switches the model to it, and on
+        exit restores the model's previous implementation and unregisters the function if
+        this block registered it.
+        """
+        registered_here = not compat.attention_registered(NAME)
+        if registered_here:
+            compat.register_attention(NAME, hcpolicy_attention)
+        previous = compat.attn_implementation(self.model)
+        try:
+            compat.set_attn_implementation(self.model, NAME)
+            yield self
+        finally:
+            compat.set_attn_implementation(self.model, previous)
+            if registered_here:
+                compat.unregister_attention(NAME)
+
+    def new_cache(
+        self, policy: Policy | None, *, record_window: int | None = 0, headroom: int | None = None
+    ) -> HeadwiseCache:
+        """A cache for one generation; pass it to the model inside ``attach()``.
+
+        headroom: spare rows per head for tokens appended after compression (the expected
+        new tokens avoid any regrowth); default: the backend's."""
+        self.check(policy)
+        return HeadwiseCache(
+            self.spec, policy, device=self.device, headroom=self.headroom if headroom is None else headroom,
+            record_window=record_window,
+        )  # fmt: skip
+
+    def generate(self, input_ids: torch.Tensor, policy: Policy | None, **kwargs: Any) -> tuple[torch.Tensor, HeadwiseCache]:
+        """``model.generate`` with ``policy`` compressing the cache. Returns (sequences, cache)."""
+        cache = self.new_cache(policy, headroom=kwargs.get("max_new_tokens"))
+        with self.attach():
+            out = self.model.generate(input_ids, **{compat.cache_kwarg(self.model): cache}, **kwargs)
+        return out, cache
+
+    def forward(self, input_ids: torch.Tensor, cache: HeadwiseCache, **kwargs: Any) -> Any:
+        """One model forward over ``input_ids`` with ``cache`` (call inside ``attach()``)."""
+        return self.model(input_ids, **{compat.cache_kwarg(self.model): cache}, use_cache=True, **kwargs)

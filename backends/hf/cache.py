@@ -1,0 +1,316 @@
+"""HeadwiseCache: a transformers Cache whose layers keep a real length per KV head.
+
+A layer starts dense (exactly like ``DynamicLayer``, so a keep-everything policy is
+bit-identical to plain transformers) and turns ragged (``RaggedKV``) at the first action
+that changes what it holds. ``get_seq_length`` always reports the logical length, so
+RoPE positions, masks and ``generate`` see the sequence as if nothing had been dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+
+from . import compat
+from .storage import RaggedKV
+from hcpolicy.actions import Action, Attend, Offload, Recall, Select, Selection
+from hcpolicy.capabilities import Requirements
+from hcpolicy.observe import LayerCache, Observation, Phase
+from hcpolicy.policy.base import Policy
+from hcpolicy.reference import ActionError
+from hcpolicy.runtime import TransferRuntime
+from hcpolicy.spec import ModelSpec
+
+
+@attrs.frozen(eq=False)
+class KVHandle:
+    """What ``update`` returns in place of K/V tensors: the layer, and where the new tokens
+    start. The hcpolicy attention function reads the layer's storage through it."""
+
+    layer: "HeadwiseLayer"
+    first_position: int
+
+
+class HeadwiseLayer(compat.DynamicLayer):
+    def __init__(self, owner: "HeadwiseCache", index: int) -> None:
+        super().__init__()
+        self.owner = owner
+        self.index = index
+        self.seen = 0
+        self.ragged: RaggedKV | None = None
+        self.prefilled = False
+        self.host_positions: dict[tuple[int, int], torch.Tensor] = {}  # (b, h) -> [n] offloaded positions
+        self.host_resident: dict[tuple[int, int], int] = {}  # (b, h) -> rows on device from the host range
+        self.attend_views: dict[int, Selection] = {}  # head -> this step's Attend selection [B, 1, K]
+
+    # -- transformers' layer interface ------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        first = self.seen
+        self.seen += key_states.shape[2]
+        if self.ragged is None:
+            super().update(key_states, value_states)
+        else:
+            self.ragged = self.ragged.append(key_states, value_states, first, self.owner.headroom)
+        handle = KVHandle(self, first)
+        return handle, handle
+
+    def get_seq_length(self, *args: Any) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, arg: int | torch.Tensor, *args: Any) -> tuple[int, int]:
+        return self.seen + compat.mask_query_length(arg), 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("HeadwiseCache cannot be cropped (assisted decoding is not supported)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("HeadwiseCache does not support beam search")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("HeadwiseCache does not support expanding the batch after prefill")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("HeadwiseCache does not support selecting batch entries")
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen = 0
+        self.ragged = None
+        self.prefilled = False
+        self.host_positions.clear()
+        self.host_resident.clear()
+        self.attend_views.clear()
+
+    # -- views --------------------------------------------------------------------------------
+    def view(self, heads: list[int] | None = None) -> LayerCache:
+        """The device KV as a padded LayerCache (dense layers: no copy)."""
+        if self.ragged is None:
+            keys, values = self.keys, self.values
+            if heads is not None:
+                keys, values = keys[:, heads], values[:, heads]
+            return LayerCache.dense(keys, values, starts=self.owner.starts)
+        cache = self.ragged.padded(heads)
+        return attrs.evolve(cache, starts=self.owner.starts)
+
+    def kv_bytes(self) -> int:
+        if self.ragged is not None:
+            return self.ragged.nbytes()
+        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+            return 0
+        return self.keys.numel() * self.keys.element_size() * 2
+
+    # -- executing actions ---------------------------------------------------------------------------
+    def apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if action.layer != self.index:
+                raise ActionError(f"action for layer {action.layer} reached layer {self.index}")
+            if max(action.heads) >= self.owner.spec.num_kv_heads:
+                raise ActionError(f"head {max(action.heads)} out of range ({self.owner.spec.num_kv_heads} KV heads)")
+            if isinstance(action, Offload):
+                self._offload(action)
+            elif isinstance(action, Select):
+                self._select(action)
+            elif isinstance(action, Recall):
+                self._recall(action)
+            elif isinstance(action, Attend):
+                for i, h in enumerate(action.heads):
+                    self.attend_views[h] = Selection(
+                        indices=action.selection.indices[:, i : i + 1], lengths=action.selection.lengths[:, i : i + 1]
+                    )
+            else:
+                raise ActionError(f"the hf backend cannot execute {type(action).__name__}")
+
+    def _make_ragged(self) -> RaggedKV:
+        if self.ragged is None:
+            self.ragged = RaggedKV.from_dense(self.keys, self.values, self.owner.headroom)
+            # drop the dense tensors: from here on the layer's device memory is what it keeps
+            self.keys = self.values = torch.empty(0, device=self.ragged.kv.device)
+        return self.ragged
+
+    def _rows_of(self, heads: list[int], selection: Selection, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Storage rows of the selected positions: (kv [B, H', K, 2, D], positions [B, H', K])."""
+        store = self._make_ragged()
+        kv_rows, pos_rows = store._rows_view()  # [B, H, W, 2, D], [B, H, W]
+        kv_rows, pos_rows = kv_rows[:, heads], pos_rows[:, heads]
+        valid = torch.arange(pos_rows.shape[2], device=pos_rows.device) < store.lengths[:, heads].unsqueeze(-1)
+        sortable = pos_rows.masked_fill(~valid, torch.iinfo(torch.int64).max)
+        want = selection.indices.to(pos_rows.device)
+        idx = torch.searchsorted(sortable, want).clamp(max=pos_rows.shape[2] - 1)  # [B, H', K]
+        found = sortable.gather(2, idx) == want
+        if not bool((found | ~selection.valid().to(found.device)).all()):  # one host read per action
+            raise ActionError(f"layer {self.index}: {what} names positions that are not on the device")
+        return kv_rows.gather(2, idx[..., None, None].expand(*idx.shape, *kv_rows.shape[3:])), want
+
+    def _select(self, action: Select) -> None:
+        heads = list(action.heads)
+        kv, pos = self._rows_of(heads, action.selection, "Select")
+        lengths = action.selection.lengths.tolist()  # one host read per Select: sizes the new layout
+        for b, row in enumerate(lengths):
+            for i, h in enumerate(heads):
+                if (b, h) in self.host_positions:
+                    self.host_resident[(b, h)] = row[i]
+        self.ragged = self.ragged.replace(heads, kv, pos, lengths, self.owner.headroom)
+
+    def _offload(self, action: Offload) -> None:
+        store = self._make_ragged()
+        runtime = self.owner.runtime
+        for b in range(store.batch_size):
+            for h in action.heads:
+                start, n = store.host_starts[b][h], store.host_lengths[b][h]
+                key = (self.owner.cache_id, self.index, b, h)
+                if key in runtime:
+                    runtime.evict(key)
+                runtime.offload(key, store.kv[start : start + n])  # [n, 2, D], contiguous rows
+                self.host_positions[(b, h)] = store.positions[start : start + n].clone()
+                self.host_resident[(b, h)] = n
+
+    def _recall(self, action: Recall) -> None:
+        store = self._make_ragged()
+        lengths = action.selection.lengths.tolist()  # one host read per Recall: sizes the copies
+        requests, moved = [], []
+        for b in range(store.batch_size):
+            for i, h in enumerate(action.heads):
+                if (b, h) not in self.host_positions:
+                    raise ActionError(f"layer {self.index} head {h}: Recall without an earlier Offload")
+                n = lengths[b][i]
+                if n != self.host_resident[(b, h)]:
+                    raise ActionError(
+                        f"layer {self.index} head {h}: Recall of {n} rows where {self.host_resident[(b, h)]} "
+                        "offloaded rows are resident; the hf backend recalls into the same slots"
+                    )
+                want = action.selection.indices[b, i, :n].to(store.positions.device)
+                host_pos = self.host_positions[(b, h)]
+                rows = torch.searchsorted(host_pos, want).clamp(max=host_pos.shape[0] - 1)
+                moved.append((host_pos[rows], want))
+                start = store.host_starts[b][h]
+                store.positions[start : start + n] = want
+                requests.append(((self.owner.cache_id, self.index, b, h), rows, store.kv[start : start + n]))
+        for found, want in moved:
+            if not torch.equal(found, want):  # a host read per recalled head: recalls are rare
+                raise ActionError(f"layer {self.index}: Recall names positions that were never offloaded")
+        if requests:
+            self.owner.runtime.wait(self.owner.runtime.recall_many(requests))
+            self.owner.recalls += 1
+
+
+class HeadwiseCache(compat.Cache):
+    """A transformers Cache driven by a policy; pass it as ``past_key_values``.
+
+    Build it through ``HFBackend.new_cache`` (which also attaches the attention function).
+    """
+
+    _next_id = 0
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        policy: Policy | None,
+        *,
+        device: torch.device,
+        headroom: int = 64,
+        record_window: int | None = 0,
+    ) -> None:
+        """policy: None keeps everything. headroom: spare rows per head for appends before
+        a ragged layer regrows. record_window: prompt queries kept per layer so ``fork`` can
+        replay the prefill for other policies (0 = none, None = all)."""
+        self.spec = spec
+        self.policy = policy
+        self.policy_needs = policy.requirements() if policy is not None else Requirements()
+        self.headroom = headroom
+        self.starts: torch.Tensor | None = None  # [B] left padding, None without
+        self.prompt_length: int | None = None
+        self.recalls = 0
+        self.record_window = record_window
+        self.query_window = _widest(self.policy_needs.query_window, record_window)
+        self.recorded_queries: list[torch.Tensor | None] = [None] * spec.num_layers
+        HeadwiseCache._next_id += 1
+        self.cache_id = HeadwiseCache._next_id
+        self.runtime = TransferRuntime(device)
+        super().__init__(layers=[HeadwiseLayer(self, i) for i in range(spec.num_layers)])
+
+    def compress(self, layer: HeadwiseLayer, queries: torch.Tensor, positions: torch.Tensor) -> None:
+        """Run the policy's prefill on one dense layer and execute its actions."""
+        if layer.index == 0:
+            self.policy.reset(self.spec, queries.shape[0])
+        window = self.policy_needs.query_window
+        if window is not None:
+            queries, positions = queries[:, :, -window:], positions[-window:]
+        obs = Observation(
+            phase=Phase.PREFILL, layer=layer.index, queries=queries, query_positions=positions,
+            cache=layer.view(), prompt_length=self.prompt_length,
+        )  # fmt: skip
+        layer.apply(list(self.policy.prefill(obs)))
+
+    def fork(self, policy: Policy | None, *, headroom: int | None = None) -> "HeadwiseCache":
+        """A new cache holding this cache's prefill, compressed by ``policy``.
+
+        Only a cache recorded with enough prompt queries (``record_window``) and not yet
+        compressed can be forked; the dense K/V are copied, this cache is left as it is.
+        """
+        needs = policy.requirements() if policy is not None else Requirements()
+        if any(layer.ragged is not None or not layer.prefilled for layer in self.layers):
+            raise ValueError("only a complete, uncompressed prefill can be forked")
+        if not _covers(self.record_window, needs.query_window):
+            def describe(n: int | None) -> str:
+                return "all" if n is None else str(n)
+
+            raise ValueError(
+                f"policy needs {describe(needs.query_window)} prompt queries; this prefill recorded "
+                f"{describe(self.record_window)}"
+            )
+        other = HeadwiseCache(
+            self.spec, policy, device=self.runtime.device, headroom=self.headroom if headroom is None else headroom
+        )
+        other.starts, other.prompt_length = self.starts, self.prompt_length
+        for mine, theirs in zip(self.layers, other.layers):
+            theirs.lazy_initialization(mine.keys, mine.values)
+            theirs.keys, theirs.values = mine.keys.clone(), mine.values.clone()
+            theirs.seen, theirs.prefilled = mine.seen, True
+        if policy is not None:
+            positions = torch.arange(self.prompt_length, device=self.layers[0].keys.device)
+            for layer, queries in zip(other.layers, self.recorded_queries):
+                other.compress(layer, queries, positions[-queries.shape[2] :])
+        return other
+
+    def get_seq_length(self, layer_idx: int = 0, *args: Any) -> int:
+        return self.layers[layer_idx].seen
+
+    def kv_bytes_device(self) -> int:
+        """Bytes of K/V this cache holds on the device now."""
+        return sum(layer.kv_bytes() for layer in self.layers)
+
+    def kv_bytes_full(self, dtype_bytes: int) -> int:
+        """Bytes a full (uncompressed) cache of the same logical length would hold."""
+        seen = self.layers[0].seen
+        b = self.layers[0].ragged.batch_size if self.layers[0].ragged is not None else self._batch()
+        return self.spec.num_layers * b * self.spec.num_kv_heads * seen * self.spec.head_dim * 2 * dtype_bytes
+
+    def _batch(self) -> int:
+        layer = self.layers[0]
+        return layer.keys.shape[0] if layer.is_initialized and layer.keys is not None and layer.keys.numel() else 0
+
+    def host_bytes(self) -> int:
+        return self.runtime.host_bytes()
+
+    def release(self) -> None:
+        """Free host copies (the device tensors go with the cache object)."""
+        for key in [k for k in self.runtime_keys()]:
+            self.runtime.evict(key)
+
+    def runtime_keys(self) -> list[tuple[int, ...]]:
+        return [
+            (self.cache_id, layer.index, b, h) for layer in self.layers for (b, h) in layer.host_positions
+        ]
+
+
+def _widest(a: int | None, b: int | None) -> int | None:
+    """The larger query window (None = all prompt queries)."""
+    return None if a is None or b is None else max(a, b)
+
+
+def _covers(recorded: int | None, needed: int | None) -> bool:
+    if recorded is None:
+        return True
+    return needed is not None and needed <= recorded
