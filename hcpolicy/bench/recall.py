@@ -7,15 +7,21 @@ Measures, in one process, with CUDA events, after warm-up, medians:
 2. recalling ``--pages`` random 16-token pages (a page = 16 rows of one KV head, a row =
    K+V at head_dim 128 in bf16 = 512 B) from a host store, in every recall mode, for two
    store layouts: one block holding every row, and one block per (layer, KV head) served
-   by one ``recall_many``; each is checked byte-exact against the GPU source;
-3. overlap: big bf16 matmuls on the default stream alone, back-to-back recalls alone,
-   and both at once: together / max(alone) should stay near 1.
-Time is from the host call to the copy's completion (host preparation included).
+   by one ``recall_many``; with the row indices on the host and, for the zero-copy path,
+   already on the device (as backends hand them over); each is checked byte-exact;
+3. a sweep of triton gather settings (programs, warps, tile, stream priority);
+4. overlap, plain: ~30 ms of bf16 matmuls on the default stream and ONE recall issued from
+   a side stream right after them; harsh: back-to-back recalls as long as the matmuls.
+   together / max(alone) should stay near 1.
+Each recall is timed twice: from the host call on an idle GPU (host preparation counted)
+and queued behind ~5 ms of matmuls (device time only).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import statistics
 import sys
@@ -103,7 +109,12 @@ class Layout:
                 rows = (mine[:, None] * PAGE + torch.arange(PAGE)).flatten()  # [n]
                 out = torch.empty(rows.numel(), *ROW_SHAPE, dtype=DTYPE, device="cuda")
                 self.requests.append(((name, b), rows, out))
+        # The same requests with the rows already on the device (same outs).
+        self.device_requests = [(key, rows.cuda(), out) for key, rows, out in self.requests]
         self.nbytes = pages * PAGE * ROWBYTES
+
+    def batch(self, rows: str) -> list:
+        return self.device_requests if rows == "device" else self.requests
 
     def exact(self) -> bool:
         torch.cuda.synchronize()
@@ -117,14 +128,37 @@ class Layout:
             out.zero_()
 
 
-# name -> (recall mode, runtime attributes set for it)
-VARIANTS: dict[str, tuple[str, dict]] = {
-    "zero_copy": ("zero_copy", {}),  # the default: triton gather, default CTAs
-    "zero_copy-torch": ("zero_copy", {"gather_kernel": "torch"}),
-    "staged": ("staged", {}),
-    "direct": ("direct", {}),
+@attrs.frozen
+class Variant:
+    """A recall mode, runtime attributes set for it, and where the row indices live."""
+
+    mode: str
+    attributes: dict = attrs.field(factory=dict)
+    rows: str = "host"  # 'host' (CPU tensors) or 'device' (already on the GPU)
+
+
+VARIANTS: dict[str, Variant] = {
+    "zero_copy": Variant("zero_copy"),  # the default: triton gather, default settings
+    # Device rows as a hot path hands them over: unchecked (a range check syncs the host).
+    "zero_copy/device-rows": Variant("zero_copy", {"check_device_rows": False}, "device"),
+    "zero_copy/device-rows-checked": Variant("zero_copy", {"check_device_rows": True}, "device"),
+    "zero_copy-torch": Variant("zero_copy", {"gather_kernel": "torch"}),
+    "staged": Variant("staged"),
+    "direct": Variant("direct"),
 }
-CTA_SWEEP = (4, 8, 32, 64)
+# Triton gather settings, one_block, host rows.
+NARROW = {"gather_ctas": 264, "gather_warps": 1, "gather_tile_words": 256}
+SHORT = {"gather_ctas": 1 << 20, "gather_warps": 4, "gather_tile_words": 2048}
+SWEEP: dict[str, Variant] = {
+    **{f"zero_copy-ctas{c}": Variant("zero_copy", {"gather_ctas": c}) for c in (4, 8, 32)},
+    "zero_copy-normal-priority": Variant("zero_copy", {"recall_priority": "normal"}),
+    "zero_copy-narrow": Variant("zero_copy", NARROW),
+    "zero_copy-narrow-normal-priority": Variant("zero_copy", {**NARROW, "recall_priority": "normal"}),
+    "zero_copy-short-lived-normal-priority": Variant("zero_copy", {**SHORT, "recall_priority": "normal"}),
+}
+HARSH = ("zero_copy", "zero_copy-normal-priority", "zero_copy-ctas8", "zero_copy-narrow",
+         "zero_copy-narrow-normal-priority", "zero_copy-short-lived-normal-priority", "zero_copy-torch", "staged")
+PLAIN = ("zero_copy", "zero_copy/device-rows", "zero_copy-normal-priority", "staged")
 
 
 def configured(rt: TransferRuntime, attributes: dict) -> dict:
@@ -135,41 +169,45 @@ def configured(rt: TransferRuntime, attributes: dict) -> dict:
     return previous
 
 
-def measure_variants(rt: TransferRuntime, layout: Layout, variants: dict, h2d_gbps: float, reps: int) -> dict:
+def measure_variants(rt: TransferRuntime, layout: Layout, variants: dict[str, Variant], h2d_gbps: float,
+                     reps: int) -> dict:
     results: dict[str, dict] = {}
-    for name, (mode, attributes) in variants.items():
-        previous = configured(rt, attributes)
+    for name, variant in variants.items():
+        previous = configured(rt, variant.attributes)
         try:
-            results[name] = measure_mode(rt, layout, mode, h2d_gbps, reps)
+            results[name] = measure_mode(rt, layout, variant, h2d_gbps, reps)
         except Exception as exc:  # keep measuring the others; the JSON says what failed
             torch.cuda.synchronize()
             results[name] = {"error": f"{type(exc).__name__}: {exc}", "byte_exact": False}
-            print(f"  {layout.name:>10} {name:>16}: FAILED {results[name]['error']}", flush=True)
+            print(f"  {layout.name:>10} {name:>38}: FAILED {results[name]['error']}", flush=True)
             continue
         finally:
             configured(rt, previous)
         m = results[name]
-        print(f"  {layout.name:>10} {name:>16}: idle {m['idle_ms']:7.2f} ms {m['idle_gbps']:5.1f} GB/s "
+        print(f"  {layout.name:>10} {name:>38}: idle {m['idle_ms']:7.2f} ms {m['idle_gbps']:5.1f} GB/s "
               f"({m['idle_ratio']:.2f}) | queued {m['queued_ms']:7.2f} ms {m['queued_gbps']:5.1f} GB/s "
-              f"({m['queued_ratio']:.2f}) | host {m['host_ms']:.2f} ms exact={m['byte_exact']}", flush=True)
+              f"({m['queued_ratio']:.2f}) | host {m['host_ms']:.3f} ms exact={m['byte_exact']}", flush=True)
     return results
 
 
-def measure_mode(rt: TransferRuntime, layout: Layout, mode: str, h2d_gbps: float, reps: int) -> dict:
+def measure_mode(rt: TransferRuntime, layout: Layout, variant: Variant, h2d_gbps: float, reps: int) -> dict:
     layout.clear()
     before = rt.counters()
+    batch, mode = layout.batch(variant.rows), variant.mode
 
     def recall() -> None:
-        rt.wait(rt.recall_many(layout.requests, mode=mode))  # type: ignore[arg-type]
+        rt.wait(rt.recall_many(batch, mode=mode))  # type: ignore[arg-type]
 
     reps = reps if mode != "direct" else max(3, reps // 3)
     idle, queued, host = timed(recall, reps), timed(recall, reps, queued=True), host_time(recall, reps)
     after = rt.counters()
-    calls = (after.recalls - before.recalls) // len(layout.requests)
+    calls = (after.recalls - before.recalls) // len(batch)
+    zero_copy = mode == "zero_copy"
     result = {
-        "gather_kernel": rt.gather_kernel if mode == "zero_copy" else None,
-        "gather_ctas": rt.gather_ctas if mode == "zero_copy" else None,
-        "requests": len(layout.requests),
+        "mode": mode, "rows": variant.rows, **variant.attributes,
+        "gather_kernel": rt.gather_kernel if zero_copy else None,
+        "gather_ctas": rt.gather_ctas if zero_copy else None,
+        "requests": len(batch),
         "byte_exact": layout.exact(),
         "host_ms": host * 1e3,
         "dma_copies_per_recall": (after.h2d_copies - before.h2d_copies) / calls,
@@ -181,18 +219,24 @@ def measure_mode(rt: TransferRuntime, layout: Layout, mode: str, h2d_gbps: float
     return result
 
 
-def measure_overlap(rt: TransferRuntime, layout: Layout, variant: tuple[str, dict], per_recall_s: float,
-                    target_s: float, reps: int) -> dict:
-    """Matmuls on the default stream alone, back-to-back recalls (issued from a side stream)
-    alone, and both at once; ``ratio`` = together / max(alone)."""
-    mode, attributes = variant
-    previous = configured(rt, attributes)
+def matmul_operands() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    c = torch.empty_like(a)
+    return a, torch.randn_like(a), torch.empty_like(a)
+
+
+def measure_overlap(rt: TransferRuntime, layout: Layout, variant: Variant, per_recall_s: float,
+                    target_s: float, reps: int, plain: bool = False) -> dict:
+    """Matmuls on the default stream alone, recalls (issued from a side stream) alone, and
+    both at once; ``ratio`` = together / max(alone). plain: ONE recall, issued right after
+    the matmuls are enqueued; else (harsh) back-to-back recalls that last as long as the
+    matmuls."""
+    previous = configured(rt, variant.attributes)
+    a, b, c = matmul_operands()
     one = timed(lambda: torch.matmul(a, b, out=c), reps)
-    n_mm, n_rc = max(1, round(target_s / one)), max(1, round(target_s / per_recall_s))
+    n_mm = max(1, round(target_s / one))
+    n_rc = 1 if plain else max(1, round(target_s / per_recall_s))
     issuer, main = torch.cuda.Stream(), torch.cuda.current_stream()
+    batch, mode = layout.batch(variant.rows), variant.mode
 
     def compute() -> None:
         for _ in range(n_mm):
@@ -202,7 +246,7 @@ def measure_overlap(rt: TransferRuntime, layout: Layout, variant: tuple[str, dic
         # From a side stream, so the recalls do not queue behind the matmuls (a recall is
         # ordered after the work already queued on the stream that issues it).
         with torch.cuda.stream(issuer):
-            transfers = [rt.recall_many(layout.requests, mode=mode) for _ in range(n_rc)]  # type: ignore[arg-type]
+            transfers = [rt.recall_many(batch, mode=mode) for _ in range(n_rc)]  # type: ignore[arg-type]
         for t in transfers:
             rt.wait(t, main)
 
@@ -217,11 +261,33 @@ def measure_overlap(rt: TransferRuntime, layout: Layout, variant: tuple[str, dic
     finally:
         configured(rt, previous)
     return {
-        "mode": mode, **attributes, "matmuls": n_mm, "recalls": n_rc, "recall_bytes": n_rc * layout.nbytes,
+        "mode": mode, "rows": variant.rows, **variant.attributes, "matmuls": n_mm, "recalls": n_rc,
+        "recall_bytes": n_rc * layout.nbytes,
         "compute_ms": t_compute * 1e3, "copy_ms": t_copy * 1e3, "together_ms": t_both * 1e3,
         "ratio": t_both / max(t_compute, t_copy), "byte_exact": exact,
         "matmul_tflops": 2 * 8192**3 / one / 1e12,
     }
+
+
+def overlaps(rt: TransferRuntime, layout: Layout, names: tuple[str, ...], measured: dict, target_s: float,
+             reps: int, plain: bool) -> dict:
+    results = {}
+    for name in names:
+        variant = VARIANTS.get(name) or SWEEP[name]
+        try:
+            per_recall = measured[name]["queued_ms"] / 1e3
+            results[name] = measure_overlap(rt, layout, variant, per_recall, target_s, reps, plain)
+        except Exception as exc:
+            torch.cuda.synchronize()
+            results[name] = {"error": f"{type(exc).__name__}: {exc}", "ratio": float("nan"), "byte_exact": False}
+        o = results[name]
+        label = "plain" if plain else "harsh"
+        if "error" in o:
+            print(f"  overlap {label} {name}: FAILED {o['error']}", flush=True)
+        else:
+            print(f"  overlap {label} {name:>38}: compute {o['compute_ms']:.2f} copy {o['copy_ms']:.2f} "
+                  f"together {o['together_ms']:.2f} ms -> {o['ratio']:.3f}", flush=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,47 +308,50 @@ def main(argv: list[str] | None = None) -> int:
     h2d = ceiling["h2d_gbps"]
     print(f"pinned H2D {h2d:.1f} GB/s, D2H {ceiling['d2h_gbps']:.1f} GB/s", flush=True)
     rt = TransferRuntime("cuda")
-    print(f"default: {rt.recall_mode}, gather kernel {rt.gather_kernel}, {rt.gather_ctas} CTAs", flush=True)
+    print(f"default: {rt.recall_mode}, gather kernel {rt.gather_kernel}, {rt.gather_ctas} CTAs x "
+          f"{rt.gather_warps} warps, tile {rt.gather_tile_words} words, {rt.recall_priority} priority", flush=True)
     total_rows = int(args.store_gib * (1 << 30)) // ROWBYTES
     layouts = [
         Layout("one_block", rt, 1, total_rows, args.pages, seed=1),
         Layout("per_head", rt, args.heads, total_rows // args.heads, args.pages, seed=2),
     ]
     recall = {lay.name: measure_variants(rt, lay, VARIANTS, h2d, args.reps) for lay in layouts}
-    sweep_variants = {f"zero_copy-ctas{c}": ("zero_copy", {"gather_ctas": c}) for c in CTA_SWEEP}
-    sweep = measure_variants(rt, layouts[0], sweep_variants, h2d, args.reps)
+    sweep = measure_variants(rt, layouts[0], SWEEP, h2d, args.reps)
     measured = {**recall["one_block"], **sweep}
-    overlap = {}
-    for name in ("zero_copy", "zero_copy-ctas8", "zero_copy-torch", "staged"):
-        variant = VARIANTS.get(name) or sweep_variants[name]
-        try:
-            per_recall = measured[name]["queued_ms"] / 1e3
-            overlap[name] = measure_overlap(rt, layouts[0], variant, per_recall, args.overlap_ms / 1e3,
-                                            max(3, args.reps // 2))
-        except Exception as exc:
-            torch.cuda.synchronize()
-            overlap[name] = {"error": f"{type(exc).__name__}: {exc}", "ratio": float("nan")}
-        print(f"  overlap {name}: {overlap[name]}", flush=True)
+    target, overlap_reps = args.overlap_ms / 1e3, max(3, args.reps // 2)
+    plain = overlaps(rt, layouts[0], PLAIN, measured, target, overlap_reps, plain=True)
+    harsh = overlaps(rt, layouts[0], HARSH, measured, target, overlap_reps, plain=False)
     nbytes = layouts[0].nbytes
-    default = recall["one_block"]["zero_copy"]
+
+    def ratios(layout: str, variant: str) -> dict:
+        m = recall[layout][variant]
+        return {"queued_ratio": m.get("queued_ratio"), "idle_ratio": m.get("idle_ratio"),
+                "ok_queued": m.get("queued_ratio", 0) >= 0.80, "ok_idle": m.get("idle_ratio", 0) >= 0.80}
+
     result = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "triton": importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None,
         "command": " ".join(["python -m hcpolicy.bench.recall", *(argv if argv is not None else sys.argv[1:])]),
         "config": {**vars(args), "page_rows": PAGE, "row_bytes": ROWBYTES, "recall_bytes": nbytes,
                    "default_mode": rt.recall_mode, "gather_kernel": rt.gather_kernel,
-                   "gather_ctas": rt.gather_ctas, "torch_threads": torch.get_num_threads()},
+                   "gather_ctas": rt.gather_ctas, "gather_warps": rt.gather_warps,
+                   "gather_tile_words": rt.gather_tile_words, "recall_priority": rt.recall_priority,
+                   "torch_threads": torch.get_num_threads()},
         "copy": ceiling,
         "floor_ms": nbytes / (h2d * GB) * 1e3,
         "recall": recall,
-        "cta_sweep": sweep,
-        "overlap": overlap,
+        "gather_sweep": sweep,
+        "overlap_plain": plain,
+        "overlap_harsh": harsh,
         "acceptance": {
-            "default_idle_ratio": default.get("idle_ratio"), "default_queued_ratio": default.get("queued_ratio"),
-            "ratio_ok_idle": default.get("idle_ratio", 0) >= 0.80,
-            "ratio_ok_queued": default.get("queued_ratio", 0) >= 0.80,
-            "overlap_ratio": overlap["zero_copy"]["ratio"],
-            "overlap_ok": overlap["zero_copy"]["ratio"] <= 1.10,
-            "all_exact": all(m["byte_exact"] for lay in (*recall.values(), sweep) for m in lay.values()),
+            "A_host_rows": {lay: ratios(lay, "zero_copy") for lay in recall},
+            "A_device_rows": {lay: ratios(lay, "zero_copy/device-rows") for lay in recall},
+            "B_plain_ratio": plain["zero_copy"]["ratio"],
+            "B_plain_ok": plain["zero_copy"]["ratio"] <= 1.10,
+            "B_harsh_ratio": harsh["zero_copy"]["ratio"],
+            "B_harsh_ok": harsh["zero_copy"]["ratio"] <= 1.10,
+            "all_exact": all(m["byte_exact"] for group in (*recall.values(), sweep, plain, harsh)
+                             for m in group.values()),
         },
         "counters": attrs.asdict(rt.counters()),
     }
@@ -297,24 +366,25 @@ def print_table(r: dict) -> None:
           f"as {r['config']['pages']} pages of {PAGE * ROWBYTES >> 10} KiB")
     print(f"pinned H2D {r['copy']['h2d_gbps']:.1f} GB/s  floor {r['floor_ms']:.2f} ms  "
           f"(idle: GPU idle at the call, host work counted; queued: device time only)")
-    print(f"{'layout':>10} {'variant':>16} {'idle ms':>8} {'GB/s':>6} {'ratio':>6} {'queued ms':>9} {'GB/s':>6} "
+    print(f"{'layout':>10} {'variant':>38} {'idle ms':>8} {'GB/s':>6} {'ratio':>6} {'queued ms':>9} {'GB/s':>6} "
           f"{'ratio':>6} {'host ms':>7} {'exact':>6}")
     rows = [(lay, v, m) for lay, variants in r["recall"].items() for v, m in variants.items()]
-    rows += [("one_block", v, m) for v, m in r["cta_sweep"].items()]
+    rows += [("one_block", v, m) for v, m in r["gather_sweep"].items()]
     for lay, v, m in rows:
         if "error" in m:
-            print(f"{lay:>10} {v:>16} FAILED: {m['error']}")
+            print(f"{lay:>10} {v:>38} FAILED: {m['error']}")
             continue
-        print(f"{lay:>10} {v:>16} {m['idle_ms']:8.2f} {m['idle_gbps']:6.1f} {m['idle_ratio']:6.2f} "
-              f"{m['queued_ms']:9.2f} {m['queued_gbps']:6.1f} {m['queued_ratio']:6.2f} {m['host_ms']:7.2f} "
+        print(f"{lay:>10} {v:>38} {m['idle_ms']:8.2f} {m['idle_gbps']:6.1f} {m['idle_ratio']:6.2f} "
+              f"{m['queued_ms']:9.2f} {m['queued_gbps']:6.1f} {m['queued_ratio']:6.2f} {m['host_ms']:7.3f} "
               f"{str(m['byte_exact']):>6}")
-    for name, o in r["overlap"].items():
-        if "error" in o:
-            print(f"overlap {name}: FAILED {o['error']}")
-            continue
-        print(f"overlap {name:>16}: compute {o['compute_ms']:.1f} ms, {o['recalls']} recalls {o['copy_ms']:.1f} ms, "
-              f"together {o['together_ms']:.1f} ms -> ratio {o['ratio']:.3f}")
-    print("acceptance:", r["acceptance"])
+    for label in ("plain", "harsh"):
+        for name, o in r[f"overlap_{label}"].items():
+            if "error" in o:
+                print(f"overlap {label} {name}: FAILED {o['error']}")
+                continue
+            print(f"overlap {label} {name:>38}: compute {o['compute_ms']:.2f} ms, {o['recalls']} recalls "
+                  f"{o['copy_ms']:.2f} ms, together {o['together_ms']:.2f} ms -> {o['ratio']:.3f}")
+    print("acceptance:", json.dumps(r["acceptance"]))
 
 
 if __name__ == "__main__":

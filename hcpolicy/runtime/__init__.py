@@ -12,16 +12,19 @@ and a CPU implementation with the same API and results::
 
 from hcpolicy.runtime.counters import TransferCounters
 from hcpolicy.runtime.runtime import RECALL_MODES, GatherKernel, HostEntry, RecallMode, Request, TransferRuntime
+from hcpolicy.runtime.streams import RECALL_PRIORITIES, RecallPriority
 from hcpolicy.runtime.store import HostAlloc, HostAllocationError
 from hcpolicy.runtime.transfer import Transfer
 
 __all__ = [
     "RECALL_MODES",
+    "RECALL_PRIORITIES",
     "GatherKernel",
     "HostAlloc",
     "HostAllocationError",
     "HostEntry",
     "RecallMode",
+    "RecallPriority",
     "Request",
     "Transfer",
     "TransferCounters",

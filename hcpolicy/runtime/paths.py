@@ -6,6 +6,8 @@ block involved, then records one event behind whatever the path enqueued.
 
 - ``ZeroCopyPath`` (CUDA default): one GPU gather per row size that reads the pinned
   store directly over PCIe (no DMA, no staging); the measured fastest for scattered rows.
+  Its triton kernel reads the row indices themselves (device rows as given, host rows
+  after one DMA), so the host does O(requests) work per recall, none per row.
 - ``StagedPath``: the host gathers rows into pinned staging, one DMA per chunk, two
   staging buffers alternating so host gathers overlap DMAs.
 - ``DirectPath``: one DMA per run of consecutive rows; the baseline (fine for long runs).
@@ -15,14 +17,16 @@ block involved, then records one event behind whatever the path enqueued.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from hcpolicy.runtime.counters import Tally
-from hcpolicy.runtime.plan import MAX_UNIT_BYTES, GatherGroup, RecallRequest, group_requests, runs
-from hcpolicy.runtime.staging import StagingRing
+from hcpolicy.runtime.plan import (MAX_UNIT_BYTES, GatherGroup, RecallRequest, by_row_size, group_requests,
+                                   request_table, runs)
+from hcpolicy.runtime.staging import IndexRing, StagingRing
 from hcpolicy.runtime.store import pending_offload
+from hcpolicy.runtime.window import WindowCache, word_for
 
 
 class RecallPath(ABC):
@@ -56,56 +60,81 @@ class HostPath(RecallPath):
 
 
 class ZeroCopyPath(RecallPath):
-    """kernel: 'triton' (one launch per row size, straight into every ``out``, on a grid
-    of ``ctas`` programs) or 'torch' (``index_select`` into scratch, then a scatter)."""
+    """kernel: 'triton' (one launch per row size, from the row indices straight into every
+    ``out``: ``ctas`` programs of ``warps`` warps, each moving ``tile_words`` words a step)
+    or 'torch' (coalesced ``index_select`` into scratch, then a scatter)."""
 
-    def __init__(self, device: torch.device, tally: Tally, kernel: str, ctas: int) -> None:
+    def __init__(self, device: torch.device, tally: Tally, kernel: str, ctas: int, warps: int = 8,
+                 tile_words: int = 4096, windows: Optional[WindowCache] = None,
+                 indices: Optional[IndexRing] = None) -> None:
         super().__init__(device, tally)
         self.kernel = kernel
         self.ctas = ctas
+        self.warps = warps
+        self.tile_words = tile_words
+        self.windows = windows or WindowCache()
+        self.indices = indices or IndexRing()
 
     def issue(self, requests: Sequence[RecallRequest]) -> None:
+        if self.kernel == "triton":
+            for rowbytes, reqs in by_row_size(requests).items():
+                self._issue_triton(reqs)
+                self.tally.add(gathers=1, h2d_bytes=sum(r.n for r in reqs) * rowbytes)
+            return
         for group in group_requests(requests):
-            if self.kernel == "triton":
-                self._issue_triton(group)
-            else:
-                self._issue_torch(group)
+            self._issue_torch(group)
             self.tally.add(gathers=1, h2d_bytes=group.nbytes)
 
     def _issue_torch(self, group: GatherGroup) -> None:
         dst = group.destination(self.device)  # [U, unit_words]
         view = group.window.device_view(self.device, group.unit_bytes)  # [slots, unit_words]
-        slots = self._on_device(group, group.slot_index, group.units)  # [U]
+        if group.host_rows is None:
+            slots = group.slot_index()  # [U], built on the device
+        else:
+            slots = self.indices.upload([group.slot_index()], self.device, self.tally)  # [U]
         torch.index_select(view, 0, slots, out=dst)
         group.scatter(dst)
 
-    def _issue_triton(self, group: GatherGroup) -> None:
-        from hcpolicy.runtime._triton_gather import gather_units
+    def _issue_triton(self, reqs: list[RecallRequest]) -> None:
+        """One gather for requests of one row size; host work is O(requests), not O(rows)."""
+        from hcpolicy.runtime._triton_gather import gather_rows
 
-        w, units = group.window, group.units
-        lowest = min(group.requests, key=lambda r: r.out.data_ptr())
-        base = lowest.out.data_ptr()  # destination offsets are counted from here
+        blocks = list({id(r.block): r.block for r in reqs}.values())
+        window = self.windows.get(blocks)
+        out_ptrs = [r.out.data_ptr() for r in reqs]
+        # Words go straight into the outs: the word must divide their addresses too.
+        word_bytes, word, _ = word_for(window.word_bytes, *out_ptrs)
+        row_words = window.rowbytes // word_bytes
+        if len(reqs) == 1:
+            r = reqs[0]
+            if r.rows.device.type == "cpu":
+                rows = self.indices.upload([r.rows], self.device, self.tally)
+            else:
+                rows = r.rows.contiguous()  # the kernel reads rows[i] at i words
+            src = window.device_flat(self.device).view(word)[(r.block.ptr - window.base) // word_bytes:]
+            gather_rows(src, r.out_words(word), rows, None, row_words, self.ctas, self.warps, self.tile_words)
+            return
+        lowest = min(range(len(reqs)), key=out_ptrs.__getitem__)
+        table = torch.tensor(request_table(reqs, out_ptrs, window.base, out_ptrs[lowest], word_bytes))  # [3R]
+        rows, table = self._rows_and_table(reqs, table)
+        gather_rows(window.device_flat(self.device).view(word), reqs[lowest].out_words(word), rows, table,
+                    row_words, self.ctas, self.warps, self.tile_words)
 
-        def offsets(out: Optional[torch.Tensor]) -> torch.Tensor:  # [2U] source, destination
-            if out is None:  # device rows: build both halves on the device
-                src = group.slot_index() * w.slot_words
-                return torch.cat([src, group.dst_offsets(base).to(src.device, non_blocking=True)])
-            torch.mul(group.slot_index(), w.slot_words, out=out[:units])
-            group.dst_offsets(base, out=out[units:])
-            return out
-
-        dev_offsets = self._on_device(group, offsets, 2 * units)
-        gather_units(w.device_flat(self.device), lowest.out_words(w.word), dev_offsets, group.unit_words, self.ctas)
-
-    def _on_device(self, group: GatherGroup, build: Callable[[Optional[torch.Tensor]], torch.Tensor],
-                   n: int) -> torch.Tensor:
-        """``build(out)`` an int64 [n] index: device rows build it on the device (out=None);
-        host rows build it into pinned memory, uploaded asynchronously (the caching host
-        allocator keeps that buffer until the copy's event completes)."""
-        if group.host_rows is None:
-            return build(None)
-        pinned = torch.empty(n, dtype=torch.int64, pin_memory=True)
-        return build(pinned).to(self.device, non_blocking=True)
+    def _rows_and_table(self, reqs: list[RecallRequest], table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([N] int64 rows of every request in order, [3R] table), both on the device: the
+        host rows and the table go up in one DMA, device rows are concatenated there."""
+        host = [r.rows for r in reqs if r.rows.device.type == "cpu"]
+        up = self.indices.upload([*host, table], self.device, self.tally)  # [host rows | 3R]
+        if len(host) == len(reqs):
+            return up[: -table.numel()], up[-table.numel() :]
+        pieces, at = [], 0
+        for r in reqs:
+            if r.rows.device.type == "cpu":
+                pieces.append(up[at : at + r.n])
+                at += r.n
+            else:
+                pieces.append(r.rows)
+        return torch.cat(pieces), up[at:]  # cat: contiguous, as the kernel reads them
 
 
 class StagedPath(RecallPath):

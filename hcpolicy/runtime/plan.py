@@ -4,7 +4,9 @@ A batch is split by row size into groups. Each group is one window (one flat vie
 its blocks) and is gathered in *units*: when every request's rows come in runs of ``u``
 consecutive rows (16-token pages, say), a unit is such a run and one gather moves
 u * rowbytes contiguous bytes per index instead of rowbytes. That is the coalescing step:
-8192 scattered 8 KiB pages become 8192 index entries, not 131072.
+8192 scattered 8 KiB pages become 8192 index entries, not 131072. Groups serve the host,
+staged and torch zero-copy gathers; the triton gather needs no units (its kernel reads the
+row indices on the device) and takes one ``request_table`` per row size instead.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ class RecallRequest:
     block: HostBlock
     rows: torch.Tensor
     out: torch.Tensor
+    n: int = attrs.field(init=False)  # rows.shape[0], read several times per request
 
-    @property
-    def n(self) -> int:
-        return self.rows.shape[0]
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "n", self.rows.shape[0])
 
     @property
     def nbytes(self) -> int:
@@ -99,16 +101,6 @@ class GatherGroup:
         result = torch.mul(firsts, w.slots_per_row, out=out) if out is not None else firsts * w.slots_per_row
         return result.add_(self._per_unit([w.first_slot(r.block) for r in self.requests]))
 
-    def dst_offsets(self, base: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[U] CPU int64: where each unit goes, in words past address ``base`` (<= every out)."""
-        w = self.window
-        starts = [(r.out.data_ptr() - base) // w.word_bytes for r in self.requests]
-        counts = torch.tensor([r.n // self.unit for r in self.requests])  # [R]
-        first_unit = torch.cumsum(counts, 0) - counts  # [R] index of each request's first unit
-        within = torch.arange(self.units) - torch.repeat_interleave(first_unit, counts)  # [U]
-        result = torch.mul(within, self.unit_words, out=out) if out is not None else within * self.unit_words
-        return result.add_(self._per_unit(starts))
-
     def _per_unit(self, values: list[int]) -> torch.Tensor:
         """[U] each request's value repeated over its units."""
         counts = torch.tensor([r.n // self.unit for r in self.requests])
@@ -153,14 +145,32 @@ def run_unit(requests: Sequence[RecallRequest], host_rows: torch.Tensor, rowbyte
     return max(u, 1)
 
 
-def group_requests(requests: Sequence[RecallRequest], max_unit_bytes: int = MAX_UNIT_BYTES) -> list[GatherGroup]:
-    """Split non-empty requests by row size (first-seen order) and find each group's unit."""
+def by_row_size(requests: Sequence[RecallRequest]) -> dict[int, list[RecallRequest]]:
+    """Non-empty requests split by row size, in first-seen order."""
     by_size: dict[int, list[RecallRequest]] = {}
     for r in requests:
         if r.n:
             by_size.setdefault(r.block.rowbytes, []).append(r)
+    return by_size
+
+
+def request_table(requests: Sequence[RecallRequest], out_ptrs: Sequence[int], base: int, lowest: int,
+                  word_bytes: int) -> list[int]:
+    """[3R] what the triton gather needs per request (see ``_triton_gather``): its first
+    row in the batch, its block's start in words past ``base`` (the window's), its out's
+    start in words past ``lowest`` (the lowest out). O(R) Python, nothing per row."""
+    firsts, at = [], 0
+    for r in requests:
+        firsts.append(at)
+        at += r.n
+    return [*firsts, *[(r.block.ptr - base) // word_bytes for r in requests],
+            *[(p - lowest) // word_bytes for p in out_ptrs]]
+
+
+def group_requests(requests: Sequence[RecallRequest], max_unit_bytes: int = MAX_UNIT_BYTES) -> list[GatherGroup]:
+    """Split non-empty requests by row size (first-seen order) and find each group's unit."""
     groups = []
-    for rowbytes, reqs in by_size.items():
+    for rowbytes, reqs in by_row_size(requests).items():
         blocks = list({id(r.block): r.block for r in reqs}.values())
         # Gathers write words straight into ``out`` tensors: their addresses must align too.
         window = Window.over(blocks, [r.out.data_ptr() for r in reqs])

@@ -13,9 +13,11 @@ from hcpolicy.runtime.counters import Tally, TransferCounters
 from hcpolicy.runtime.paths import DirectPath, HostPath, RecallPath, StagedPath, ZeroCopyPath
 from hcpolicy.runtime.plan import RecallRequest
 from hcpolicy.runtime.requests import check_ranges, check_src, make_request
-from hcpolicy.runtime.staging import StagingRing
+from hcpolicy.runtime.staging import IndexRing, StagingRing
 from hcpolicy.runtime.store import HostAlloc, HostBlock, HostStore, default_host_alloc, pending_offload
+from hcpolicy.runtime.streams import RECALL_PRIORITIES, RecallPriority, RecallStreams
 from hcpolicy.runtime.transfer import Inflight, Transfer
+from hcpolicy.runtime.window import WindowCache
 
 RecallMode = Literal["zero_copy", "staged", "direct"]
 RECALL_MODES: tuple[str, ...] = ("zero_copy", "staged", "direct")
@@ -56,10 +58,17 @@ class TransferRuntime:
         needs numpy, which torch uses to read ``__cuda_array_interface__``; without numpy
         the default is 'staged'), 'staged' or 'direct'. Ignored on CPU.
     staging_bytes: pinned staging for 'staged', split into two alternating buffers.
-    gather_kernel: zero-copy gather: 'triton' (one launch per batch and row size, straight
-        into each ``out``), 'torch' (``index_select`` into scratch, then one scatter), or
-        'auto' (triton when importable). gather_ctas: programs of the triton gather; a few
-        saturate PCIe, and the SMs they leave free keep overlapping compute fast.
+    gather_kernel: zero-copy gather: 'triton' (one launch per batch and row size, from the
+        row indices straight into each ``out``), 'torch' (``index_select`` into scratch,
+        then one scatter), or 'auto' (triton when importable). gather_ctas: programs of the
+        triton gather; a few saturate PCIe, and the SMs they leave free keep overlapping
+        compute fast (a count >= the tiles of a batch gives one short-lived program per
+        tile). gather_warps: warps per program (a power of two <= 32). gather_tile_words:
+        words a program moves per step (a power of two in [2, 32768]); with
+        ``gather_warps`` it sets the registers each thread of a program holds.
+    recall_priority: CUDA stream priority of recalls: 'high' (default; their programs are
+        scheduled ahead of queued compute blocks, since a decode step waits on them) or
+        'normal' (the compute streams' priority, also the lowest CUDA has).
     host_alloc: ``alloc(nbytes) -> uint8 [nbytes]`` CPU tensor (pinned on CUDA); injectable
         so tests can fail allocations. host_limit_bytes: optional cap on the store's bytes.
     check_device_rows: range-check ``rows`` that live on the device; that check costs one
@@ -78,6 +87,9 @@ class TransferRuntime:
         staging_bytes: int = 16 << 20,
         gather_kernel: GatherKernel = "auto",
         gather_ctas: int = 16,
+        gather_warps: int = 8,
+        gather_tile_words: int = 4096,
+        recall_priority: RecallPriority = "high",
         host_alloc: Optional[HostAlloc] = None,
         host_limit_bytes: Optional[int] = None,
         check_device_rows: bool = True,
@@ -93,45 +105,72 @@ class TransferRuntime:
             raise ValueError(f"gather_kernel must be 'auto', 'triton' or 'torch', got {gather_kernel!r}")
         if gather_kernel == "auto":
             gather_kernel = "triton" if importlib.util.find_spec("triton") else "torch"
-        if isinstance(gather_ctas, bool) or not isinstance(gather_ctas, int) or gather_ctas < 1:
-            raise ValueError(f"gather_ctas must be an int >= 1, got {gather_ctas!r}")
         self.gather_kernel: str = gather_kernel
         self.gather_ctas = gather_ctas
+        self.gather_warps = gather_warps
+        self.gather_tile_words = gather_tile_words
+        self.recall_priority: RecallPriority = recall_priority
+        self._gather_key()  # ValueError for bad gather settings
+        self._priority()  # ValueError for a bad priority
         self.check_device_rows = check_device_rows
         self._tally = Tally()
         self._store = HostStore(host_alloc or default_host_alloc(pinned=cuda), cuda, host_limit_bytes)
         self._staging = StagingRing(self._store, staging_bytes)
+        self._windows = WindowCache()
+        self._indices = IndexRing()
         self._inflight = Inflight()
         self._seq = itertools.count()
-        self._d2h: Optional[torch.cuda.Stream] = None
-        self._h2d: Optional[torch.cuda.Stream] = None
+        self._d2h: Optional[torch.cuda.Stream] = torch.cuda.Stream(self.device) if cuda else None
+        self._h2d: Optional[RecallStreams] = None
+        self._paths: dict[tuple, RecallPath] = {}
         if cuda:
-            self._d2h = torch.cuda.Stream(self.device)
-            # Recalls gate decode steps: let their gather blocks jump the compute queue.
-            self._h2d = torch.cuda.Stream(self.device, priority=-1)
-        self._paths: dict[str, RecallPath] = {}
+            self._h2d = RecallStreams(self.device)
+            self._h2d.get(self._priority())  # made now rather than inside the first recall
+
+    def _gather_key(self) -> tuple[str, int, int, int]:
+        """(kernel, ctas, warps, tile words), checked: they may be changed between calls."""
+        for name in ("gather_ctas", "gather_warps", "gather_tile_words"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        warps, tile = self.gather_warps, self.gather_tile_words
+        if warps > 32 or warps & (warps - 1):
+            raise ValueError(f"gather_warps must be a power of two <= 32, got {warps!r}")
+        if not 2 <= tile <= 1 << 15 or tile & (tile - 1):
+            raise ValueError(f"gather_tile_words must be a power of two in [2, 32768], got {tile!r}")
+        return self.gather_kernel, self.gather_ctas, warps, tile
+
+    def _priority(self) -> int:
+        if self.recall_priority not in RECALL_PRIORITIES:
+            raise ValueError(f"recall_priority must be one of {tuple(RECALL_PRIORITIES)}, "
+                             f"got {self.recall_priority!r}")
+        return RECALL_PRIORITIES[self.recall_priority]
 
     def _path(self, mode: Optional[RecallMode]) -> RecallPath:
         name: str = self.recall_mode if mode is None else mode
         if name not in RECALL_MODES:
             raise ValueError(f"mode must be one of {RECALL_MODES} or None, got {name!r}")
+        # The settings may be changed between calls: checked on every device, one path
+        # object per gather setting.
+        key = (name, *self._gather_key()) if name == "zero_copy" else (name,)
+        self._priority()
         if self._h2d is None:
-            name = "host"  # the CPU runtime has one path; modes only differ on CUDA
-        if name == "zero_copy":  # gather_kernel / gather_ctas may be changed between calls
-            name = f"zero_copy/{self.gather_kernel}/{self.gather_ctas}"
-        if name not in self._paths:
-            self._paths[name] = self._make_path(name)
-        return self._paths[name]
+            key = ("host",)  # the CPU runtime has one path; modes only differ on CUDA
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = self._make_path(key)
+        return path
 
-    def _make_path(self, name: str) -> RecallPath:
+    def _make_path(self, key: tuple) -> RecallPath:
+        name = key[0]
         if name == "host":
             return HostPath(self.device, self._tally)
         if name == "staged":
             return StagedPath(self.device, self._tally, self._staging)
         if name == "direct":
             return DirectPath(self.device, self._tally)
-        _, kernel, ctas = name.split("/")
-        return ZeroCopyPath(self.device, self._tally, kernel, int(ctas))
+        _, kernel, ctas, warps, tile = key
+        return ZeroCopyPath(self.device, self._tally, kernel, ctas, warps, tile, self._windows, self._indices)
 
     # ---- offload ---------------------------------------------------------------------
 
@@ -196,7 +235,7 @@ class TransferRuntime:
         if self._h2d is None:
             path.issue(live)
             return Transfer(None, self._tally)
-        return self._issue_async(path, live, self._h2d)
+        return self._issue_async(path, live, self._h2d.get(self._priority()))
 
     def _issue_async(self, path: RecallPath, reqs: list[RecallRequest], h2d: torch.cuda.Stream) -> Transfer:
         blocks = list({id(r.block): r.block for r in reqs}.values())
@@ -210,6 +249,7 @@ class TransferRuntime:
                                  *(b.data for b in blocks))
         for block in blocks:
             block.last_read = event
+        self._h2d.issued(h2d, event)  # type: ignore[union-attr]
         return Transfer(event, self._tally)
 
     # ---- ordering, lifetime, accounting ----------------------------------------------
@@ -222,13 +262,13 @@ class TransferRuntime:
     def evict(self, key: Hashable) -> None:
         """Drop ``key`` (KeyError if absent). Its memory is released once no in-flight copy
         touches it (checked without blocking on later calls, or by ``synchronize``)."""
-        self._store.remove(key)
+        self._windows.drop(self._store.remove(key))
         self._tally.add(evictions=1)
         self._reap()
 
     def synchronize(self) -> None:
         """Block until every copy issued so far is done; release evicted memory."""
-        if self._h2d is not None and self._d2h is not None:
+        if self._d2h is not None and self._h2d is not None:
             with self._tally.waiting():
                 self._d2h.synchronize()
                 self._h2d.synchronize()

@@ -50,18 +50,15 @@ class HostBlock:
     seq: int = 0
     ready: Optional[torch.cuda.Event] = None
     last_read: Optional[torch.cuda.Event] = None
+    # Read per request on every recall: plain ints, not tensor calls each time.
+    nbytes: int = attrs.field(init=False)
+    rowbytes: int = attrs.field(init=False)
+    ptr: int = attrs.field(init=False)
 
-    @property
-    def rowbytes(self) -> int:
-        return self.data.numel() // self.rows
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel()
-
-    @property
-    def ptr(self) -> int:
-        return self.data.data_ptr()
+    def __attrs_post_init__(self) -> None:
+        self.nbytes = self.data.numel()
+        self.rowbytes = self.nbytes // self.rows
+        self.ptr = self.data.data_ptr()
 
     def typed(self) -> torch.Tensor:
         """[rows, *row_shape] view of ``data`` in the offloaded dtype."""

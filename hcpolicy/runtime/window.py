@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import attrs
@@ -72,6 +73,8 @@ class Window:
     word_bytes: int
     word: torch.dtype
     typestr: str
+    # device -> [span / word] CUDA view; building one costs an array-interface import
+    _flats: dict = attrs.field(factory=dict, repr=False)
 
     @classmethod
     def over(cls, blocks: Sequence[HostBlock], align: Sequence[int] = ()) -> "Window":
@@ -114,7 +117,14 @@ class Window:
         return self._units_of(self.host_flat(), unit_bytes)
 
     def device_flat(self, device: torch.device) -> torch.Tensor:
-        """[span / word] CUDA view of the pinned range (zero-copy reads over PCIe)."""
+        """[span / word] CUDA view of the pinned range (zero-copy reads over PCIe), made once
+        per window and device (the view holds the blocks' memory alive)."""
+        flat = self._flats.get(device)
+        if flat is None:
+            flat = self._flats[device] = self._make_device_flat(device)
+        return flat
+
+    def _make_device_flat(self, device: torch.device) -> torch.Tensor:
         owners = tuple(b.data for b in self.blocks)
         flat = torch.as_tensor(_CudaPointer(self.base, self.span // self.word_bytes, self.typestr, owners))
         if flat.device != device:
@@ -127,3 +137,38 @@ class Window:
     def device_view(self, device: torch.device, unit_bytes: int) -> torch.Tensor:
         """[slots, unit_bytes / word] CUDA view, as ``host_view``."""
         return self._units_of(self.device_flat(device), unit_bytes)
+
+
+class WindowCache:
+    """Windows of recently recalled block sets, least recently used dropped first.
+
+    A serving loop recalls from the same blocks step after step; reusing their window skips
+    the scan over the blocks and the CUDA view's construction. Keys are offload sequence
+    numbers, never reused, so a key cannot name a later block at a recycled address; an
+    evicted block's windows are dropped at once (``drop``), so the cache never holds the
+    memory of an evicted block alive.
+    """
+
+    def __init__(self, size: int = 16) -> None:
+        self._size = size
+        self._windows: OrderedDict[tuple[int, ...], Window] = OrderedDict()
+
+    def get(self, blocks: Sequence[HostBlock]) -> Window:
+        """The window over ``blocks`` (one row size, in this order; at least one)."""
+        key = tuple(b.seq for b in blocks)
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = Window.over(blocks)
+            if len(self._windows) > self._size:
+                self._windows.popitem(last=False)
+        else:
+            self._windows.move_to_end(key)
+        return window
+
+    def drop(self, block: HostBlock) -> None:
+        """Forget every window that covers ``block``."""
+        for key in [k for k in self._windows if block.seq in k]:
+            del self._windows[key]
+
+    def __len__(self) -> int:
+        return len(self._windows)

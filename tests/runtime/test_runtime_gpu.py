@@ -188,3 +188,99 @@ def test_triton_gather_writes_straight_into_scattered_outs(ctas: int) -> None:
         assert torch.equal(as_bytes(out), as_bytes(ref[h][rows]))
     gaps = [pool[end : end + 3] for end in (len(reqs[0][1]), len(reqs[0][1]) + 3 + len(reqs[1][1]))]
     assert all(bool((g == 7).all()) for g in gaps)  # nothing written between the outs
+
+
+# Triton gather settings the benchmark compares; each must stay byte-exact.
+GATHER_SETTINGS = {
+    "default": {},
+    "narrow": dict(gather_ctas=132, gather_warps=1, gather_tile_words=512),
+    "short-lived": dict(gather_ctas=1 << 20, gather_warps=4, gather_tile_words=2048),
+    "normal-priority": dict(recall_priority="normal"),
+    "tiny-tile": dict(gather_ctas=3, gather_warps=1, gather_tile_words=2),
+}
+
+
+@pytest.mark.parametrize("setting", GATHER_SETTINGS)
+def test_triton_gather_settings_with_host_device_and_mixed_rows(setting: str) -> None:
+    rt = TransferRuntime("cuda", recall_mode="zero_copy", gather_kernel="triton", **GATHER_SETTINGS[setting])
+    ref = _kv_store(rt, heads=6, length=2048)
+    odd = random_tensor(300, (3,), torch.float32, seed=9)  # another row size in the same batch
+    rt.offload("odd", odd.cuda())
+    gen = torch.Generator().manual_seed(6)
+    for placement in ("cpu", "cuda", "mixed"):
+        reqs = []
+        for h in range(6):
+            rows = _pages(2048, 5, gen) if h % 2 else torch.randint(0, 2048, (77,), generator=gen)
+            if placement == "cuda" or (placement == "mixed" and h % 3 == 0):
+                rows = rows.cuda()
+            reqs.append((h, rows, torch.empty(len(rows), 2, 128, dtype=torch.bfloat16, device="cuda")))
+        odd_rows = torch.randint(0, 300, (41,), generator=gen)
+        reqs.insert(2, ("odd", odd_rows.cuda() if placement != "cpu" else odd_rows,
+                        torch.empty(41, 3, device="cuda")))
+        rt.wait(rt.recall_many(reqs))
+        for key, rows, out in reqs:
+            want = odd if key == "odd" else ref[key]
+            assert torch.equal(as_bytes(out), as_bytes(want[rows.cpu()])), (placement, key)
+    strided = torch.randint(0, 2048, (300,), generator=gen).cuda()[::3]  # not contiguous
+    out = torch.empty(100, 2, 128, dtype=torch.bfloat16, device="cuda")
+    rt.wait(rt.recall(4, strided, out))
+    assert torch.equal(as_bytes(out), as_bytes(ref[4][strided.cpu()]))
+
+
+def test_recalls_stay_in_issue_order_across_priorities() -> None:
+    """A block's last_read must cover earlier recalls on the other priority's stream."""
+    rt = TransferRuntime("cuda")
+    src = random_tensor(1 << 16, (2, 128), torch.bfloat16, seed=8)  # 32 MiB
+    rt.offload("x", src.cuda())
+    rows = torch.randperm(1 << 16)[:20000]
+    outs = [torch.empty(20000, 2, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    for priority in ("normal", "high"):  # compile and create both streams before timing
+        rt.recall_priority = priority
+        rt.recall("x", rows, outs[0])
+    rt.synchronize()
+    _busy()
+    rt.recall_priority = "high"
+    first = rt.recall("x", rows, outs[0])
+    rt.recall_priority = "normal"
+    second = rt.recall("x", rows.flip(0), outs[1])
+    rt.evict("x")
+    assert rt.pending_bytes() == src.numel() * 2
+    for i in range(4):  # fresh pinned blocks that could land on the evicted memory
+        rt.offload(("y", i), torch.zeros(1 << 16, 2, 128, dtype=torch.bfloat16, device="cuda"))
+    second.synchronize()
+    assert first.done()  # the normal-priority recall waited for the high-priority one
+    assert torch.equal(as_bytes(outs[0]), as_bytes(src[rows]))
+    assert torch.equal(as_bytes(outs[1]), as_bytes(src[rows.flip(0)]))
+    rt.synchronize()
+    assert rt.pending_bytes() == 0
+
+
+def test_index_buffers_are_not_reused_while_a_dma_reads_them() -> None:
+    """More host-row recalls queued behind compute than the index ring has buffers."""
+    rt = TransferRuntime("cuda")
+    ref = _kv_store(rt, heads=2, length=8192)
+    gen = torch.Generator().manual_seed(7)
+    warm = torch.empty(4096, 2, 128, dtype=torch.bfloat16, device="cuda")
+    rt.recall(0, torch.randint(0, 8192, (4096,), generator=gen), warm)  # compiles first
+    rt.synchronize()
+    _busy()  # every index upload waits for this
+    jobs = []
+    for i in range(12):
+        rows = torch.randint(0, 8192, (4096,), generator=gen)
+        out = torch.empty(4096, 2, 128, dtype=torch.bfloat16, device="cuda")
+        jobs.append((i % 2, rows, out, rt.recall(i % 2, rows, out)))
+    for key, rows, out, t in jobs:
+        t.synchronize()
+        assert torch.equal(as_bytes(out), as_bytes(ref[key][rows]))
+    assert rt.counters().wait_s > 0  # the fifth upload waited for the first buffer
+
+
+def test_device_rows_of_a_batch_are_range_checked() -> None:
+    rt = TransferRuntime("cuda")
+    rt.offload("long", torch.zeros(100, 4, device="cuda"))
+    rt.offload("short", torch.zeros(10, 4, device="cuda"))
+    ok = (torch.tensor([99, 0], device="cuda"), torch.empty(2, 4, device="cuda"))
+    with pytest.raises(ValueError, match=r"'short'.*\[0, 10\)"):
+        rt.recall_many([("long", *ok), ("short", torch.tensor([10], device="cuda"), torch.empty(1, 4, device="cuda"))])
+    rt.wait(rt.recall_many([("long", *ok), ("short", torch.tensor([9], device="cuda"),
+                                                     torch.empty(1, 4, device="cuda"))]))

@@ -83,27 +83,6 @@ def test_window_gather_matches_per_block_indexing(rowbytes: int, offsets: list, 
         assert torch.equal(r.out, r.block.typed()[r.rows])
 
 
-@settings(max_examples=40, deadline=None)
-@given(**_layouts)
-def test_word_offsets_place_every_unit(rowbytes: int, offsets: list, picks: list, unit: int) -> None:
-    """The offsets the triton kernel is given, replayed on the CPU, give the same bytes."""
-    rows = 16
-    arena = torch.randint(0, 256, (_arena_bytes(offsets, rows, rowbytes),), dtype=torch.uint8)
-    outs = torch.zeros(len(picks) * (unit + 1) * 2, rowbytes, dtype=torch.uint8)
-    reqs = _requests(_blocks_in(arena, offsets, rows, rowbytes), picks, unit, rowbytes, outs)
-    (group,) = group_requests(reqs)
-    w = group.window
-    base = min(r.out.data_ptr() for r in reqs)
-    src = group.slot_index() * w.slot_words  # [U]
-    dst = group.dst_offsets(base)  # [U]
-    src_flat = w.host_flat()
-    dst_flat = outs.view(-1)[base - outs.data_ptr() :].view(w.word)
-    for s, d in zip(src.tolist(), dst.tolist()):
-        dst_flat[d : d + group.unit_words] = src_flat[s : s + group.unit_words]
-    for r in reqs:
-        assert torch.equal(r.out, r.block.typed()[r.rows])
-
-
 def test_runs_of_pages_are_gathered_as_pages() -> None:
     block = HostBlock("k", torch.zeros(64 * 512, dtype=torch.uint8), torch.uint8, (512,), 64)
     pages = torch.tensor([3, 0, 2])
