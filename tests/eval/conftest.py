@@ -1,0 +1,27 @@
+"""Token counters for task tests: stand-ins for a model tokenizer, cheap and deterministic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hcpolicy.eval import BUILTIN_TASKS, TASKS, Task
+
+
+def whitespace_tokens(text: str) -> int:
+    return len(text.split())
+
+
+def char4_tokens(text: str) -> int:
+    """~4 characters per token, the usual rule of thumb for English BPE."""
+    return math.ceil(len(text) / 4)
+
+
+COUNTERS = {"ws": whitespace_tokens, "char4": char4_tokens}
+
+
+@pytest.fixture(params=BUILTIN_TASKS)
+def task(request: pytest.FixtureRequest) -> Task:
+    """Every built-in task, with its default settings."""
+    return TASKS.get(request.param)()
