@@ -158,3 +158,35 @@ class InverseStabilityAllocator(Allocator):
             for ratio in self.profile.ratios[request.layer]
         ]
         return request.fill(torch.tensor(per_head))
+
+
+def sequence_budgets(
+    allocator: Allocator,
+    spec: ModelSpec,
+    layer: int,
+    compression: float,
+    prompt_length: int,
+    scores: torch.Tensor | None,
+    starts: torch.Tensor | None,
+) -> torch.Tensor:
+    """Budgets [B, H_kv] where each sequence's budget follows its own real length.
+
+    Left padding (``starts`` [B]) makes sequences of one batch shorter than
+    ``prompt_length``; each is then budgeted as a prompt of ``prompt_length - starts[b]``
+    tokens (scores: [B, H_kv, L] or None). Without padding this is one request.
+    """
+    device = scores.device if scores is not None else torch.device("cpu")
+    if starts is None:
+        b = scores.shape[0] if scores is not None else 1
+        return allocator.budgets(BudgetRequest(
+            spec=spec, layer=layer, length=prompt_length, compression=compression, batch_size=b,
+            scores=scores, device=device,
+        ))  # fmt: skip
+    rows = []
+    for b, start in enumerate(starts.tolist()):  # one host read per layer at prefill
+        row_scores = scores[b : b + 1, :, start:prompt_length] if scores is not None else None
+        rows.append(allocator.budgets(BudgetRequest(
+            spec=spec, layer=layer, length=prompt_length - start, compression=compression, batch_size=1,
+            scores=row_scores, device=device,
+        )))  # fmt: skip
+    return torch.cat(rows, dim=0)

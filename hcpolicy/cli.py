@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
+from typing import Any, Callable
 
 import attrs
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from hcpolicy import __version__
+from hcpolicy.policy.factory import build_policy, default_profile_path
+from hcpolicy.profile import HeadProfile, Role
 from hcpolicy.registry import BACKENDS, POLICIES
 
 app = typer.Typer(
@@ -74,6 +79,153 @@ def list_registered() -> None:
         console.print("Backends: none registered in this installation.")
     else:
         console.print(backends)
+
+
+class UserError(Exception):
+    """Bad input from the command line: printed as one line, exit status 2."""
+
+
+def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the errors a user can cause into one line and a non-zero exit, never a traceback."""
+
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, ValueError, KeyError, FileNotFoundError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def backend_class(name: str) -> Any:
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}; known: {', '.join(BACKENDS.names())}")
+    try:
+        return BACKENDS.get(name)
+    except ImportError as err:
+        raise UserError(f"backend {name!r} needs extra packages ({err}); pip install 'hcpolicy[{name}]'") from None
+
+
+def print_roles(profile: HeadProfile) -> None:
+    counts = profile.role_counts()
+    table = Table(title="Head roles (KV heads over all layers)")
+    for column in ("anchor", "volatile", "pivot", "satellite", "full KV on device"):
+        table.add_column(column, justify="right")
+    full = profile.num_full_heads
+    table.add_row(
+        *(str(counts[r.value]) for r in (Role.ANCHOR, Role.VOLATILE, Role.PIVOT, Role.SATELLITE)),
+        f"{full} ({full / profile.total_heads:.1%})",
+    )
+    console.print(table)
+    console.print(f"heterocache needs compression > {profile.min_compression:.4f} with this profile")
+
+
+@app.command("profile")
+@fail_cleanly
+def profile_command(
+    backend: str = typer.Option("hf", help="backend that runs the model"),
+    model: str = typer.Option(None, help="model folder, .gguf file or hub id (default: embedded SmolLM2-135M)"),
+    output: Path = typer.Option(..., help="where to write the HeadProfile JSON"),
+    tokens: int = typer.Option(2400, help="calibration prompt length in tokens"),
+    samples: int = typer.Option(2, help="calibration documents (generated locally)"),
+    steps: int = typer.Option(40, help="decode steps observed after each prompt"),
+    top_k: float = typer.Option(0.2, help="top-k set size: tokens if >= 1, else a fraction of the prompt"),
+    tau_stable: float = typer.Option(0.5, help="stability threshold: anchor vs volatile"),
+    tau_sim: float = typer.Option(0.5, help="similarity threshold for the head graph"),
+    faithful: bool = typer.Option(False, help="the reference code's constants (k=1024, 100 steps); overrides the above"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Measure head roles, stability and budget ratios; write a HeadProfile."""
+    from hcpolicy.profiler import ProfileConfig
+
+    if faithful:
+        config = ProfileConfig.faithful()
+    else:
+        k: int | float = int(top_k) if top_k >= 1 else float(top_k)
+        config = ProfileConfig(top_k=k, decode_steps=steps, tau_stable=tau_stable, tau_sim=tau_sim)
+    profile = backend_class(backend).profile(model, config, tokens=tokens, samples=samples, seed=seed)
+    profile.save(output)
+    console.print(f"wrote {output}")
+    print_roles(profile)
+
+
+@app.command("evaluate")
+@fail_cleanly
+def evaluate_command(
+    backend: str = typer.Option("hf", help="backend that runs the model"),
+    model: str = typer.Option(None, help="model folder, .gguf file or hub id (default: embedded SmolLM2-135M)"),
+    policy: str = typer.Option(None, help="comma list of policies (default: all registered)"),
+    compression: str = typer.Option("0.4,0.5", help="comma list: fraction of the full KV kept on the device"),
+    task: str = typer.Option(None, help="comma list of tasks (default: all built-in tasks)"),
+    context_length: int = typer.Option(2048, help="prompt length in tokens"),
+    samples: int = typer.Option(5, help="samples per task and protocol"),
+    seed: int = typer.Option(0),
+    protocol: str = typer.Option("agnostic,aware", help="agnostic (question after compression), aware, or both"),
+    batch_size: int = typer.Option(4, help="samples prefilled together"),
+    profile: Path = typer.Option(None, help="HeadProfile for heterocache (default: the shipped one, if any)"),
+    output_dir: Path = typer.Option(Path("hc-results"), help="results.json, results.csv and plots go here"),
+) -> None:
+    """Score policies on long-context tasks at several compressions; write JSON, CSV and plots."""
+    from hcpolicy.eval import TASKS, ResultStore
+    from hcpolicy.eval.report import plot, print_table
+    from hcpolicy.eval.runner import EvalPlan, run
+
+    policies = split(policy) if policy else POLICIES.names()
+    for name in policies:
+        if name not in POLICIES:
+            raise UserError(f"unknown policy {name!r}; known: {', '.join(POLICIES.names())}")
+    tasks = split(task) if task else TASKS.names()
+    for name in tasks:
+        if name not in TASKS:
+            raise UserError(f"unknown task {name!r}; known: {', '.join(TASKS.names())}")
+    try:
+        compressions = [float(c) for c in split(compression)]
+    except ValueError:
+        raise UserError(f"--compression must be a comma list of numbers, got {compression!r}") from None
+    plan = EvalPlan(
+        policies=policies, compressions=compressions, tasks=tasks, protocols=split(protocol),
+        context_length=context_length, samples=samples, seed=seed, batch_size=batch_size,
+    )  # fmt: skip
+    for p in plan.protocols:
+        if p not in ("agnostic", "aware"):
+            raise UserError(f"unknown protocol {p!r}; use agnostic, aware or both")
+    if profile is not None and not profile.is_file():
+        raise UserError(f"no profile at {profile}")
+    generator = backend_class(backend).evaluator(model)
+    limit = generator.max_context
+    if limit is not None and context_length + 128 > limit:
+        raise UserError(f"--context-length {context_length} plus the answer exceeds the model's limit of {limit} tokens")
+    profile_path = profile or default_profile_path(generator.model_name)
+    loaded = HeadProfile.load(profile_path, spec=generator.backend.spec) if profile_path else None
+
+    def factory(name: str, c: float) -> Any:
+        return build_policy(name, c, profile=loaded)
+
+    store = ResultStore(output_dir)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:  # fmt: skip
+        bars: dict[str, Any] = {}
+
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in bars:
+                bars[label] = bar.add_task(label, total=total)
+            bar.update(bars[label], completed=done)
+
+        _, skipped = run(plan, generator, factory, store, progress=progress)
+    for s in skipped:
+        console.print(f"[yellow]skipped[/yellow] {s.policy} at {s.compression:g}: {s.reason}", soft_wrap=True)
+    print_table(store.records, console)
+    paths = plot(store.records, output_dir / "scores.png")
+    console.print(f"results: {store.json_path}, {store.csv_path}; plots: {', '.join(map(str, paths))}")
 
 
 if __name__ == "__main__":

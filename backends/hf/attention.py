@@ -39,6 +39,12 @@ def hcpolicy_attention(
     owner = layer.owner
     q_len = query.shape[2]
     positions = torch.arange(first, first + q_len, device=query.device)  # [Q]
+    if not layer.prefilled and layer.index == 0:
+        owner.prompt_length = first + q_len
+        owner.starts = left_padding(attention_mask, query.shape[0])
+    if owner.observer is not None and layer.ragged is None:
+        step = 0 if not layer.prefilled else first - owner.prompt_length + 1
+        owner.observer(layer.index, step, query[:, :, -1:], layer.view(), scaling)
     if not layer.prefilled:
         return _prefill(module, layer, query, positions, attention_mask, dropout, scaling, kwargs)
     if owner.policy is not None and owner.policy_needs.decode_observations:
@@ -51,7 +57,7 @@ def hcpolicy_attention(
         return compat.sdpa_attention_forward(
             module, query, layer.keys, layer.values, attention_mask, dropout, scaling, **kwargs
         )
-    out = ragged_attention(query, layer.view(), positions, scaling, layer.attend_views)
+    out = ragged_attention(query, layer.view(), positions, scaling, layer.attend_views, slot_mask(attention_mask))
     layer.attend_views.clear()
     return out, None
 
@@ -68,9 +74,6 @@ def _prefill(
 ) -> tuple[torch.Tensor, None]:
     """First forward over the prompt: dense attention, then the policy compresses the layer."""
     owner = layer.owner
-    if layer.index == 0:
-        owner.prompt_length = int(positions[-1]) + 1
-        owner.starts = left_padding(attention_mask, query.shape[0])
     out = compat.sdpa_attention_forward(module, query, layer.keys, layer.values, attention_mask, dropout, scaling, **kwargs)
     window = owner.query_window
     kept = query if window is None else query[:, :, -window:]
@@ -88,13 +91,19 @@ def left_padding(attention_mask: torch.Tensor | None, batch_size: int) -> torch.
     sdpa masks are boolean (True = attend) or additive float (0 = attend); the last query
     row of a left-padded sequence attends to everything but its padding.
     """
-    if attention_mask is None or attention_mask.ndim != 4:
-        return None
-    last = attention_mask[:, 0, -1, :]  # [B, KV]
-    allowed = last if last.dtype == torch.bool else last == 0
-    if bool(allowed.all()):
+    allowed = slot_mask(attention_mask)  # [B, KV]
+    if allowed is None or bool(allowed.all()):
         return None
     return allowed.int().argmax(dim=-1).to(torch.int64)  # first allowed column
+
+
+def slot_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, KV] which logical slots each sequence may attend (False = padding anywhere in the
+    sequence), from transformers' 4D mask; None when it built none (no padding)."""
+    if attention_mask is None or attention_mask.ndim != 4:
+        return None
+    last = attention_mask[:, 0, -1, :]  # the newest query sees every real slot
+    return last if last.dtype == torch.bool else last == 0
 
 
 def ragged_attention(
@@ -103,8 +112,10 @@ def ragged_attention(
     positions: torch.Tensor,
     scaling: float | None,
     attend: dict[int, Selection] | None = None,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SDPA over a padded per-head view. query: [B, H_q, Q, D]; positions: [Q].
+    """SDPA over a padded per-head view. query: [B, H_q, Q, D]; positions: [Q]; slots:
+    optional [B, S] bool, the logical slots each sequence may see (padding excluded).
 
     Returns [B, Q, H_q, D]. Each KV head sees only its own valid, causal positions (and,
     for heads with an Attend view this step, only the positions it names).
@@ -112,6 +123,9 @@ def ragged_attention(
     b, h_q, q_len, _ = query.shape
     h_kv = cache.num_kv_heads
     allowed = cache.valid().unsqueeze(2) & (cache.positions.unsqueeze(2) <= positions.view(1, 1, -1, 1))
+    if slots is not None:
+        seen = slots.gather(1, cache.positions.reshape(b, -1).clamp(max=slots.shape[1] - 1))  # [B, H_kv * L]
+        allowed &= seen.view(b, h_kv, 1, -1)
     for h, sel in (attend or {}).items():
         member = _member(cache.positions[:, h], sel)  # [B, L]
         allowed[:, h] &= member.unsqueeze(1)

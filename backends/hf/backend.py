@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,6 +16,12 @@ from hcpolicy.spec import ModelSpec
 from . import compat
 from .attention import NAME, hcpolicy_attention
 from .cache import HeadwiseCache
+
+if TYPE_CHECKING:
+    from hcpolicy.profile import HeadProfile
+    from hcpolicy.profiler import ProfileConfig
+
+    from .evaluate import HFEvaluator
 
 
 class HFBackend:
@@ -34,6 +40,10 @@ class HFBackend:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype_bytes(self) -> int:
+        return next(self.model.parameters()).element_size()
 
     def check(self, policy: Policy | None) -> None:
         """Raise ValueError if this backend cannot serve ``policy``."""
@@ -82,6 +92,32 @@ class HFBackend:
         with self.attach():
             out = self.model.generate(input_ids, **{compat.cache_kwarg(self.model): cache}, **kwargs)
         return out, cache
+
+    @classmethod
+    def evaluator(cls, model: str | None) -> "HFEvaluator":
+        """Load ``model`` (None: the embedded default) and wrap it for ``hc evaluate``."""
+        from .evaluate import HFEvaluator
+        from .loading import load
+
+        loaded = load(model)
+        return HFEvaluator(cls(loaded.model), loaded.tokenizer, loaded.name)
+
+    @classmethod
+    def profile(
+        cls, model: str | None, config: "ProfileConfig", *, tokens: int, samples: int, seed: int = 0
+    ) -> "HeadProfile":
+        """Profile ``model`` on ``samples`` calibration documents of ``tokens`` tokens."""
+        from hcpolicy.eval.calibration import calibration_texts
+
+        from .loading import load
+        from .profiling import calibration_ids, profile_model
+
+        loaded = load(model)
+        backend = cls(loaded.model)
+        texts = calibration_texts(samples, tokens, lambda t: len(loaded.tokenizer(t)["input_ids"]), seed=seed)
+        ids = calibration_ids(loaded.tokenizer, texts, tokens)
+        settings = {"model": loaded.name, "calibration": f"{samples} generated documents, seed {seed}"}
+        return profile_model(backend, ids, config, settings)
 
     def forward(self, input_ids: torch.Tensor, cache: HeadwiseCache, **kwargs: Any) -> Any:
         """One model forward over ``input_ids`` with ``cache`` (call inside ``attach()``)."""

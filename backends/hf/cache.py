@@ -8,6 +8,7 @@ RoPE positions, masks and ``generate`` see the sequence as if nothing had been d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -181,18 +182,24 @@ class HeadwiseLayer(compat.DynamicLayer):
                         "offloaded rows are resident; the hf backend recalls into the same slots"
                     )
                 want = action.selection.indices[b, i, :n].to(store.positions.device)
+                start = store.host_starts[b][h]
+                # a sequence whose trigger did not fire is handed its current set again:
+                # nothing to move (a host read per head; recalls are rare)
+                if torch.equal(store.positions[start : start + n], want):
+                    continue
                 host_pos = self.host_positions[(b, h)]
                 rows = torch.searchsorted(host_pos, want).clamp(max=host_pos.shape[0] - 1)
-                moved.append((host_pos[rows], want))
-                start = store.host_starts[b][h]
+                moved.append((host_pos[rows], want, b))
                 store.positions[start : start + n] = want
                 requests.append(((self.owner.cache_id, self.index, b, h), rows, store.kv[start : start + n]))
-        for found, want in moved:
-            if not torch.equal(found, want):  # a host read per recalled head: recalls are rare
+        for found, want, _ in moved:
+            if not torch.equal(found, want):
                 raise ActionError(f"layer {self.index}: Recall names positions that were never offloaded")
         if requests:
             self.owner.runtime.wait(self.owner.runtime.recall_many(requests))
             self.owner.recalls += 1
+            for b in {b for _, _, b in moved}:
+                self.owner.sequence_recalls[b] = self.owner.sequence_recalls.get(b, 0) + 1
 
 
 class HeadwiseCache(compat.Cache):
@@ -221,10 +228,14 @@ class HeadwiseCache(compat.Cache):
         self.headroom = headroom
         self.starts: torch.Tensor | None = None  # [B] left padding, None without
         self.prompt_length: int | None = None
-        self.recalls = 0
+        self.recalls = 0  # Recall actions that moved bytes
+        self.sequence_recalls: dict[int, int] = {}  # batch index -> recalls that changed its KV
         self.record_window = record_window
         self.query_window = _widest(self.policy_needs.query_window, record_window)
         self.recorded_queries: list[torch.Tensor | None] = [None] * spec.num_layers
+        # called as observer(layer, step, query [B, H_q, 1, D], cache view, scaling) for the
+        # newest query of every forward over a dense layer (profiling reads attention rows)
+        self.observer: Callable[[int, int, torch.Tensor, LayerCache, float | None], None] | None = None
         HeadwiseCache._next_id += 1
         self.cache_id = HeadwiseCache._next_id
         self.runtime = TransferRuntime(device)

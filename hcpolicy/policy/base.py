@@ -11,7 +11,7 @@ import torch
 
 from hcpolicy._validate import fraction
 from hcpolicy.actions import Action, Select, Selection
-from hcpolicy.budget import Allocator, BudgetRequest, UniformAllocator
+from hcpolicy.budget import Allocator, UniformAllocator, sequence_budgets
 from hcpolicy.capabilities import Requirements
 from hcpolicy.observe import Observation
 from hcpolicy.scores import topk_selection
@@ -85,15 +85,8 @@ class ScoredPolicy(Policy):
     def prefill(self, obs: Observation) -> Sequence[Action]:
         spec = self._require_reset(self._spec)
         scores = self.score(obs)  # [B, H_kv, L]
-        request = BudgetRequest(
-            spec=spec,
-            layer=obs.layer,
-            length=obs.prompt_length,
-            compression=self.compression,
-            batch_size=obs.cache.batch_size,
-            scores=scores,
-            device=scores.device,
-        )
-        budgets = self.allocator.budgets(request)  # [B, H_kv]
+        budgets = sequence_budgets(
+            self.allocator, spec, obs.layer, self.compression, obs.prompt_length, scores, obs.cache.starts
+        )  # [B, H_kv]
         selection = self.select(obs, scores, budgets)
         return [Select(layer=obs.layer, heads=range(obs.cache.num_kv_heads), selection=selection)]

@@ -18,7 +18,7 @@ import torch
 
 from hcpolicy._validate import fraction, positive
 from hcpolicy.actions import Action, Offload, Recall, Select, Selection
-from hcpolicy.budget import BudgetRequest, InverseStabilityAllocator
+from hcpolicy.budget import InverseStabilityAllocator, sequence_budgets
 from hcpolicy.capabilities import Requirements
 from hcpolicy.drift import DriftTrigger, WindowedOverlap
 from hcpolicy.observe import LayerCache, Observation
@@ -77,11 +77,9 @@ class HeteroCachePolicy(Policy):
         spec = self._require_reset(self._spec)
         layer, length = obs.layer, obs.prompt_length
         scores = self._last_token_scores(obs.queries[:, :, -1:], obs.query_positions[-1:], obs.cache)  # [B, H_kv, L]
-        request = BudgetRequest(
-            spec=spec, layer=layer, length=length, compression=self.compression,
-            batch_size=obs.cache.batch_size, device=scores.device,
-        )  # fmt: skip
-        budgets = self._allocator.budgets(request)  # [B, H_kv]
+        budgets = sequence_budgets(
+            self._allocator, spec, layer, self.compression, length, scores, obs.cache.starts
+        )  # [B, H_kv]
         self._monitor_k = self.monitor_k or max(1, min(length, round(self._allocator.base(self.compression, length))))
         roles = self.profile.roles[layer]
         compressed = [h for h, r in enumerate(roles) if not r.full]
@@ -114,9 +112,15 @@ class HeteroCachePolicy(Policy):
             key = (obs.layer, pivot)
             prompt = _prompt_view(obs.cache, pivot, obs.prompt_length)
             g = obs.group_size
-            q = obs.queries[:, pivot * g : (pivot + 1) * g]  # [B, G, 1, D]
-            scores = self._last_token_scores(q, obs.query_positions, prompt)[:, 0]  # [B, L]
-            fired = self.trigger.observe(key, obs.step, topk_sets(scores, self._monitor_k), obs.prompt_length)
+            fired, scores = None, None
+            # several new tokens at once (a question appended after prefill) feed the trigger
+            # one query at a time, in order, as if they had been decoded one by one
+            for i in range(obs.queries.shape[2]):
+                q = obs.queries[:, pivot * g : (pivot + 1) * g, i : i + 1]  # [B, G, 1, D]
+                scores = self._last_token_scores(q, obs.query_positions[i : i + 1], prompt)[:, 0]  # [B, L]
+                now = self.trigger.observe(key, obs.step + i, topk_sets(scores, self._monitor_k), obs.prompt_length)
+                if now is not None:
+                    fired = now if fired is None else fired | now
             # one host read per pivot every W steps: whether to emit an action is a host decision
             if fired is None or not bool(fired.any()):
                 continue
