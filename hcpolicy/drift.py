@@ -17,7 +17,13 @@ from hcpolicy.scores import overlap
 
 
 class DriftTrigger(ABC):
-    """Extension point: subclass and implement ``observe``."""
+    """Extension point: subclass and implement ``observe``.
+
+    ``period``: decisions come only every ``period`` steps (None: never), so a policy may
+    buffer its monitor queries and score them together at the decision step.
+    """
+
+    period: int | None = 1
 
     def reset(self) -> None:
         """Forget all state (called at the start of every generation)."""
@@ -47,6 +53,10 @@ class WindowedOverlap(DriftTrigger):
     window: int = attrs.field(default=5, validator=positive)
     tau: float = attrs.field(default=0.5, validator=unit_interval)
     per_sequence: bool = True
+
+    @property
+    def period(self) -> int:  # type: ignore[override]
+        return self.window
     _reference: dict = attrs.field(factory=dict, init=False, repr=False)
     _buffer: dict = attrs.field(factory=dict, init=False, repr=False)
 
@@ -83,6 +93,10 @@ class EveryN(DriftTrigger):
 
     n: int = attrs.field(default=5, validator=positive)
 
+    @property
+    def period(self) -> int:  # type: ignore[override]
+        return self.n
+
     def observe(self, key: Hashable, step: int, topk: torch.Tensor, universe: int) -> torch.Tensor | None:
         if (step + 1) % self.n:
             return None
@@ -92,6 +106,8 @@ class EveryN(DriftTrigger):
 @attrs.define
 class Never(DriftTrigger):
     """Never fire: a static selection."""
+
+    period = None
 
     def observe(self, key: Hashable, step: int, topk: torch.Tensor, universe: int) -> torch.Tensor | None:
         return None

@@ -77,7 +77,9 @@ class Observation:
     queries: [B, H_q, Q, D] post-RoPE queries (prefill: the last Q prompt queries the policy
     asked for; decode: the new token, Q = 1); query_positions: [Q] int64 logical positions;
     prompt_length: tokens in the prompt (positions below it are compressible and, once
-    offloaded, recallable); step: decode steps taken before this one (0 at prefill).
+    offloaded, recallable); step: decode steps taken before this one (0 at prefill);
+    heads: the KV heads ``cache`` covers, in order (None = all of them; a backend passes
+    what ``Policy.observed_heads`` asked for).
     """
 
     phase: Phase
@@ -87,8 +89,11 @@ class Observation:
     cache: LayerCache
     prompt_length: int = attrs.field(validator=positive)
     step: int = attrs.field(default=0, validator=non_negative)
+    heads: tuple[int, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
 
     def __attrs_post_init__(self) -> None:
+        if self.heads is not None and len(self.heads) != self.cache.num_kv_heads:
+            raise ValueError(f"heads names {len(self.heads)} heads but the cache holds {self.cache.num_kv_heads}")
         if self.queries.shape[2] != self.query_positions.shape[0]:
             raise ValueError(
                 f"queries hold {self.queries.shape[2]} positions but query_positions has "
@@ -96,12 +101,16 @@ class Observation:
             )
         if self.queries.shape[0] != self.cache.batch_size:
             raise ValueError("queries and cache disagree on batch size")
-        if self.queries.shape[1] % self.cache.num_kv_heads:
+        if self.heads is None and self.queries.shape[1] % self.cache.num_kv_heads:
             raise ValueError(
                 f"query heads ({self.queries.shape[1]}) must be a multiple of KV heads "
                 f"({self.cache.num_kv_heads})"
             )
 
-    @property
-    def group_size(self) -> int:
-        return self.queries.shape[1] // self.cache.num_kv_heads
+    def head_index(self, head: int) -> int:
+        """Where KV head ``head`` sits in ``cache`` (ValueError if it was not observed)."""
+        if self.heads is None:
+            return head
+        if head not in self.heads:
+            raise ValueError(f"KV head {head} was not observed (observed: {self.heads})")
+        return self.heads.index(head)

@@ -48,11 +48,15 @@ def hcpolicy_attention(
     if not layer.prefilled:
         return _prefill(module, layer, query, positions, attention_mask, dropout, scaling, kwargs)
     if owner.policy is not None and owner.policy_needs.decode_observations:
-        obs = Observation(
-            phase=Phase.DECODE, layer=layer.index, queries=query, query_positions=positions, cache=layer.view(),
-            prompt_length=owner.prompt_length, step=first - owner.prompt_length,
-        )  # fmt: skip
-        layer.apply(list(owner.policy.decode(obs)))
+        heads = owner.policy.observed_heads(layer.index)
+        if heads is None or len(heads) > 0:
+            heads = None if heads is None else list(heads)
+            obs = Observation(
+                phase=Phase.DECODE, layer=layer.index, queries=query, query_positions=positions,
+                cache=layer.view(heads), prompt_length=owner.prompt_length, step=first - owner.prompt_length,
+                heads=heads,
+            )  # fmt: skip
+            layer.apply(list(owner.policy.decode(obs)))
     if layer.ragged is None and not layer.attend_views:
         return compat.sdpa_attention_forward(
             module, query, layer.keys, layer.values, attention_mask, dropout, scaling, **kwargs

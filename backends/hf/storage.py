@@ -92,6 +92,14 @@ class RaggedKV:
 
     def padded(self, heads: list[int] | None = None) -> LayerCache:
         """A padded view: keys/values [B, H', L_max, D] (a gathered copy), positions, lengths."""
+        if heads is not None and len(heads) == 1 and self.batch_size == 1:
+            # one head of one sequence is a contiguous run of rows: a view, no copy
+            start, n = self.host_starts[0][heads[0]], self.host_lengths[0][heads[0]]
+            rows = self.kv[start : start + n]  # [n, 2, D]
+            return LayerCache(
+                keys=rows[None, None, :, 0], values=rows[None, None, :, 1],
+                positions=self.positions[start : start + n][None, None], lengths=self.lengths[:, heads],
+            )  # fmt: skip
         starts, lengths = self.starts, self.lengths
         if heads is not None:
             starts, lengths = starts[:, heads], lengths[:, heads]

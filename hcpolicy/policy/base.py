@@ -42,6 +42,12 @@ class Policy(ABC):
         """Actions for one layer at one decode step (default: none)."""
         return ()
 
+    def observed_heads(self, layer: int) -> Sequence[int] | None:
+        """KV heads whose device KV ``decode`` reads at ``layer`` (None = all; empty = none,
+        and then ``decode`` is not called for that layer). Narrowing it saves backends
+        from gathering heads the policy never looks at."""
+        return None
+
     def _require_reset(self, spec: ModelSpec | None) -> ModelSpec:
         """The spec ``reset`` stored (pass it in), or a clear error if a backend skipped reset."""
         if spec is None:

@@ -44,6 +44,7 @@ class HeteroCachePolicy(Policy):
     _satellite_sets: dict = attrs.field(factory=dict, init=False, repr=False)
     _budgets: dict = attrs.field(factory=dict, init=False, repr=False)
     _monitor_k: int = attrs.field(default=1, init=False, repr=False)
+    _pending: dict = attrs.field(factory=dict, init=False, repr=False)
     recalls: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -69,6 +70,7 @@ class HeteroCachePolicy(Policy):
         self._spec = spec
         self._satellite_sets.clear()
         self._budgets.clear()
+        self._pending.clear()
         self.trigger.reset()
         self.recalls = 0
 
@@ -103,33 +105,48 @@ class HeteroCachePolicy(Policy):
         return actions
 
     # -- decode -------------------------------------------------------------------------------
+    def observed_heads(self, layer: int) -> tuple[int, ...]:
+        """Only the pivots that monitor satellites are read while decoding."""
+        return tuple(p for p, sats in self.profile.clusters[layer].items() if sats)
+
     def decode(self, obs: Observation) -> Sequence[Action]:
-        self._require_reset(self._spec)
+        """Buffer each monitoring pivot's new queries; at the trigger's decision steps, score
+        the buffered queries together over the pivot's prompt keys and feed the trigger in
+        order (the reference buffers W queries the same way). Several new tokens at once
+        (a question appended after prefill) count as that many steps."""
+        spec = self._require_reset(self._spec)
         actions: list[Action] = []
+        period = self.trigger.period
+        if period is None:
+            return actions
+        g = spec.group_size
         for pivot, sats in self.profile.clusters[obs.layer].items():
             if not sats:
                 continue
             key = (obs.layer, pivot)
-            prompt = _prompt_view(obs.cache, pivot, obs.prompt_length)
-            g = obs.group_size
-            fired, scores = None, None
-            # several new tokens at once (a question appended after prefill) feed the trigger
-            # one query at a time, in order, as if they had been decoded one by one
+            pending = self._pending.setdefault(key, [])
+            fired, newest = None, None
             for i in range(obs.queries.shape[2]):
-                q = obs.queries[:, pivot * g : (pivot + 1) * g, i : i + 1]  # [B, G, 1, D]
-                scores = self._last_token_scores(q, obs.query_positions[i : i + 1], prompt)[:, 0]  # [B, L]
-                now = self.trigger.observe(key, obs.step + i, topk_sets(scores, self._monitor_k), obs.prompt_length)
-                if now is not None:
-                    fired = now if fired is None else fired | now
+                pending.append(obs.queries[:, pivot * g : (pivot + 1) * g, i])  # [B, G, D]
+                if len(pending) < period:
+                    continue
+                prompt = _prompt_view(obs.cache, obs.head_index(pivot), obs.prompt_length)
+                queries = torch.stack(pending, dim=2)  # [B, G, W, D]
+                last = torch.full((queries.shape[2],), obs.prompt_length, device=queries.device)
+                scores = self._scores(queries, last, prompt)  # [B, W, L]
+                first_step = obs.step + i + 1 - len(pending)
+                for w in range(scores.shape[1]):
+                    now = self.trigger.observe(key, first_step + w, topk_sets(scores[:, w], self._monitor_k),
+                                               obs.prompt_length)  # fmt: skip
+                    if now is not None:
+                        fired = now if fired is None else fired | now
+                newest = (scores[:, -1], prompt.positions[:, 0])
+                pending.clear()
             # one host read per pivot every W steps: whether to emit an action is a host decision
             if fired is None or not bool(fired.any()):
                 continue
-            fresh = self._satellite_selection(scores, self._budgets[key], prompt.positions[:, 0])
-            old = self._satellite_sets[key]
-            merged = Selection(
-                indices=torch.where(fired[:, None, None], fresh.indices, old.indices),
-                lengths=torch.where(fired[:, None], fresh.lengths, old.lengths),
-            )
+            fresh = self._satellite_selection(newest[0], self._budgets[key], newest[1])
+            merged = _merge(fired, fresh, self._satellite_sets[key])
             self._satellite_sets[key] = merged
             self.recalls += 1
             actions.append(Recall(layer=obs.layer, heads=sats, selection=merged))
@@ -151,6 +168,24 @@ class HeteroCachePolicy(Policy):
         """Pooled, group-folded attention of one query row: [B, H_q', 1, D] -> [B, H_kv', L]."""
         w = attention_weights(queries, positions, cache)[:, :, 0]  # [B, H_q', L]
         return pool1d(group_reduce(w, cache.num_kv_heads, self.gqa), self.pool_kernel)
+
+    def _scores(self, queries: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """One pivot's pooled, group-folded attention of W queries: [B, G, W, D] -> [B, W, L]."""
+        w = attention_weights(queries, positions, cache)  # [B, G, W, L]
+        return pool1d(group_reduce(w, 1, self.gqa)[:, 0], self.pool_kernel)
+
+
+def _merge(fired: torch.Tensor, fresh: Selection, old: Selection) -> Selection:
+    """Per sequence: ``fresh`` where ``fired`` [B], else ``old`` (padding widths may differ)."""
+    width = max(fresh.indices.shape[2], old.indices.shape[2])
+
+    def widen(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[2]))
+
+    return Selection(
+        indices=torch.where(fired[:, None, None], widen(fresh.indices), widen(old.indices)),
+        lengths=torch.where(fired[:, None], fresh.lengths, old.lengths),
+    )
 
 
 def _subset(selection: Selection, heads: list[int]) -> Selection:

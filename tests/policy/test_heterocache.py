@@ -124,3 +124,30 @@ def test_errors():
         pol.reset(ModelSpec("synthetic", 2, 8, 4, 32), 1)
     with pytest.raises(RuntimeError, match="reset"):
         pol.prefill(prefill_obs(0, torch.randn(1, 8, 1, 16), torch.randn(1, 4, L, 16)))
+
+
+def test_per_sequence_recall_with_left_padding():
+    """Sequences of one batch fire on their own; their selections keep their own widths."""
+    from hcpolicy.drift import WindowedOverlap
+
+    prof = profile()
+    pol = HeteroCachePolicy(profile=prof, compression=0.7, trigger=WindowedOverlap(window=1, tau=1.0))
+    gen = torch.Generator().manual_seed(4)
+    starts = torch.tensor([0, 11])  # the second sequence is 11 tokens shorter
+    keys = [torch.randn(2, 4, L, 16, generator=gen) for _ in range(2)]
+    pol.reset(SPEC, 2)
+    for layer in range(2):
+        obs = Observation(
+            phase=Phase.PREFILL, layer=layer, queries=torch.randn(2, 8, 1, 16, generator=gen),
+            query_positions=torch.tensor([L - 1]), cache=LayerCache.dense(keys[layer], starts=starts),
+            prompt_length=L,
+        )  # fmt: skip
+        pol.prefill(obs)
+    # layer 0: satellite 1 and anchor 3 were selected together, so the stored selection is
+    # padded to the anchor's wider budget while a fresh recall is only the satellite's
+    view = LayerCache.dense(keys[0], starts=starts)
+    actions = pol.decode(decode_obs(0, 0, torch.randn(2, 8, 1, 16, generator=gen), view))
+    (recall,) = actions
+    sel = recall.selection.as_lists()
+    assert all(p >= 11 for head in sel[1] for p in head)  # never a pad slot
+    assert len(sel[1][0]) < len(sel[0][0])  # the shorter sequence has the smaller budget
