@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from hcpolicy.actions import Selection
+from hcpolicy.kernels.ragged_decode import ragged_decode_attention
 from hcpolicy.observe import LayerCache, Observation, Phase
 
 from . import compat
@@ -61,9 +62,23 @@ def hcpolicy_attention(
         return compat.sdpa_attention_forward(
             module, query, layer.keys, layer.values, attention_mask, dropout, scaling, **kwargs
         )
-    out = ragged_attention(query, layer.view(), positions, scaling, layer.attend_views, slot_mask(attention_mask))
+    slots = slot_mask(attention_mask)
+    if query.is_cuda and q_len == 1 and not layer.attend_views and slots is None:
+        return _ragged_decode(layer, query, scaling), None
+    out = ragged_attention(query, layer.view(), positions, scaling, layer.attend_views, slots)
     layer.attend_views.clear()
     return out, None
+
+
+def _ragged_decode(layer: HeadwiseLayer, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """GPU fast path: the Triton ragged decode kernel reads each head's kept rows in place
+    (no padded copy). query: [B, H_q, 1, D] -> [B, 1, H_q, D]."""
+    store = layer.ragged
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = ragged_decode_attention(
+        query[:, :, 0].contiguous(), store.kv, store.starts, store.lengths, scale, max_length=store.max_length
+    )  # [B, H_q, D]; max_length comes from host-side lengths, so no sync
+    return out.unsqueeze(1)
 
 
 def _prefill(

@@ -134,3 +134,17 @@ def test_unsupported_model_type():
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
         HFBackend(model)
+
+
+def test_decode_kernel_path_matches_the_padded_path(llama):
+    """The GPU fast path (ragged decode kernel; its torch reference on CPU) computes the same
+    attention as the padded SDPA path over a compressed layer."""
+    from hcpolicy.backends.hf.attention import _ragged_decode
+
+    backend = HFBackend(llama)
+    cache, _ = prefill(backend, AdaSnapKV(compression=0.3, window=8), prompt(length=90))
+    layer = cache.layers[1]
+    q = torch.randn(1, 4, 1, 16, generator=torch.Generator().manual_seed(5))
+    fast = _ragged_decode(layer, q, 0.25)
+    padded = ragged_attention(q, layer.view(), torch.tensor([90]), 0.25)
+    torch.testing.assert_close(fast, padded, rtol=0, atol=1e-5)

@@ -1,0 +1,11 @@
+"""Attention kernels over hcpolicy's ragged per-head KV layout (triton on CUDA, torch elsewhere)."""
+
+from hcpolicy.kernels.ragged_decode import (
+    ChunkPlan,
+    DecodeConfig,
+    plan_chunks,
+    ragged_decode_attention,
+    ragged_decode_reference,
+)
+
+__all__ = ["ChunkPlan", "DecodeConfig", "plan_chunks", "ragged_decode_attention", "ragged_decode_reference"]
