@@ -167,7 +167,7 @@ def evaluate_command(
     compression: str = typer.Option("0.4,0.5", help="comma list: fraction of the full KV kept on the device"),
     task: str = typer.Option(None, help="comma list of tasks (default: all built-in tasks)"),
     context_length: int = typer.Option(2048, help="prompt length in tokens"),
-    samples: int = typer.Option(5, help="samples per task and protocol"),
+    samples: int = typer.Option(4, help="samples per task and protocol"),
     seed: int = typer.Option(0),
     protocol: str = typer.Option("agnostic,aware", help="agnostic (question after compression), aware, or both"),
     batch_size: int = typer.Option(4, help="samples prefilled together"),
