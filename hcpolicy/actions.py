@@ -9,6 +9,8 @@ padding and carry no meaning.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import TypeAlias
 
 import attrs
@@ -50,6 +52,10 @@ class Selection:
     @property
     def num_heads(self) -> int:
         return self.indices.shape[1]
+
+    def head(self, i: int) -> "Selection":
+        """The selection of its ``i``-th head alone: [B, 1, K]."""
+        return Selection(indices=self.indices[:, i : i + 1], lengths=self.lengths[:, i : i + 1])
 
     def valid(self) -> torch.Tensor:
         """[B, H, K] bool: which entries are real (not padding)."""
@@ -118,3 +124,42 @@ class Attend:
 
 Action: TypeAlias = Select | Offload | Recall | Attend
 ACTION_TYPES: tuple[type, ...] = (Select, Offload, Recall, Attend)
+
+
+class ActionError(ValueError):
+    """An action that cannot be executed against the current cache state."""
+
+
+class ActionExecutor(ABC):
+    """How a backend's cache takes actions: ``apply`` checks each one (``check``) and
+    dispatches it to the method for its type. A backend implements the methods of the
+    actions its capabilities declare; the others raise ActionError."""
+
+    def apply(self, actions: Iterable[Action]) -> None:
+        for action in actions:
+            self.check(action)
+            if isinstance(action, Select):
+                self.select(action)
+            elif isinstance(action, Offload):
+                self.offload(action)
+            elif isinstance(action, Recall):
+                self.recall(action)
+            elif isinstance(action, Attend):
+                self.attend_view(action)
+            else:
+                raise ActionError(f"unknown action {action!r}")
+
+    def check(self, action: Action) -> None:
+        """Raise ActionError for an action addressed to a layer or head that does not exist."""
+
+    @abstractmethod
+    def select(self, action: Select) -> None: ...
+
+    def offload(self, action: Offload) -> None:
+        raise ActionError(f"{type(self).__name__} cannot execute Offload")
+
+    def recall(self, action: Recall) -> None:
+        raise ActionError(f"{type(self).__name__} cannot execute Recall")
+
+    def attend_view(self, action: Attend) -> None:
+        raise ActionError(f"{type(self).__name__} cannot execute Attend")

@@ -7,21 +7,16 @@ through it, and backends are checked against it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
 
-from hcpolicy.actions import Action, Attend, Offload, Recall, Select, Selection
+from hcpolicy.actions import Action, ActionError, ActionExecutor, Attend, Offload, Recall, Select, Selection
 from hcpolicy.observe import LayerCache, Observation, Phase
 
 if TYPE_CHECKING:
     from hcpolicy.policy.base import Policy
     from hcpolicy.spec import ModelSpec
-
-
-class ActionError(ValueError):
-    """An action that cannot be executed against the current cache state."""
 
 
 class _Head:
@@ -35,7 +30,7 @@ class _Head:
         self.host: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
-class ReferenceCache:
+class ReferenceCache(ActionExecutor):
     """Per layer, per (sequence, KV head) token store that executes actions.
 
     keys, values: one [B, H_kv, L, D] tensor per layer (the prompt's KV).
@@ -51,33 +46,19 @@ class ReferenceCache:
         self.recalls = 0
 
     # -- executing actions ----------------------------------------------------------------
-    def apply(self, actions: Iterable[Action]) -> None:
-        for action in actions:
-            if isinstance(action, Offload):
-                self._offload(action)
-            elif isinstance(action, Select):
-                self._select(action)
-            elif isinstance(action, Recall):
-                self._recall(action)
-            elif isinstance(action, Attend):
-                self._attend_view(action)
-            else:
-                raise ActionError(f"unknown action {action!r}")
-
-    def _heads(self, layer: int, heads: tuple[int, ...]) -> None:
+    def check(self, action: Action) -> None:
+        layer, heads = action.layer, action.heads
         if layer >= len(self.layers):
             raise ActionError(f"layer {layer} out of range ({len(self.layers)} layers)")
         if max(heads) >= self.num_kv_heads:
             raise ActionError(f"head {max(heads)} out of range ({self.num_kv_heads} KV heads)")
 
-    def _offload(self, a: Offload) -> None:
-        self._heads(a.layer, a.heads)
+    def offload(self, a: Offload) -> None:
         for row in self.layers[a.layer]:
             for h in a.heads:
                 row[h].host = dict(row[h].device)
 
-    def _select(self, a: Select) -> None:
-        self._heads(a.layer, a.heads)
+    def select(self, a: Select) -> None:
         self._check_batch(a.selection)
         for b, per_head in enumerate(a.selection.as_lists()):
             for h, positions in zip(a.heads, per_head):
@@ -88,8 +69,7 @@ class ReferenceCache:
                     raise ActionError(f"{a.layer=} head {h} seq {b}: positions {missing[:5]} are not on the device")
                 head.device = {p: head.device[p] for p in positions}
 
-    def _recall(self, a: Recall) -> None:
-        self._heads(a.layer, a.heads)
+    def recall(self, a: Recall) -> None:
         self._check_batch(a.selection)
         self.recalls += 1
         for b, per_head in enumerate(a.selection.as_lists()):
@@ -105,9 +85,8 @@ class ReferenceCache:
                 kept.update({p: head.host[p] for p in positions})
                 head.device = dict(sorted(kept.items()))
 
-    def _attend_view(self, a: Attend) -> None:
+    def attend_view(self, a: Attend) -> None:
         # checked here, not in attend(), so a bad view fails as an ActionError when applied
-        self._heads(a.layer, a.heads)
         self._check_batch(a.selection)
         for b, per_head in enumerate(a.selection.as_lists()):
             for h, positions in zip(a.heads, per_head):
@@ -118,9 +97,7 @@ class ReferenceCache:
                 if missing:
                     raise ActionError(f"{a.layer=} head {h} seq {b}: positions {missing[:5]} are not on the device")
         for i, h in enumerate(a.heads):
-            self._attend[(a.layer, h)] = Selection(
-                indices=a.selection.indices[:, i : i + 1], lengths=a.selection.lengths[:, i : i + 1]
-            )
+            self._attend[(a.layer, h)] = a.selection.head(i)
 
     def _check_batch(self, selection: Selection) -> None:
         if selection.indices.shape[0] != self.batch_size:

@@ -16,11 +16,10 @@ import torch
 
 from . import compat
 from .storage import RaggedKV
-from hcpolicy.actions import Action, Attend, Offload, Recall, Select, Selection
+from hcpolicy.actions import Action, ActionError, ActionExecutor, Attend, Offload, Recall, Select, Selection
 from hcpolicy.capabilities import Requirements
 from hcpolicy.observe import LayerCache, Observation, Phase
 from hcpolicy.policy.base import Policy
-from hcpolicy.reference import ActionError
 from hcpolicy.runtime import TransferRuntime
 from hcpolicy.spec import ModelSpec
 
@@ -34,7 +33,7 @@ class KVHandle:
     first_position: int
 
 
-class HeadwiseLayer(compat.DynamicLayer):
+class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
     def __init__(self, owner: "HeadwiseCache", index: int) -> None:
         super().__init__()
         self.owner = owner
@@ -103,25 +102,15 @@ class HeadwiseLayer(compat.DynamicLayer):
         return self.keys.numel() * self.keys.element_size() * 2
 
     # -- executing actions ---------------------------------------------------------------------------
-    def apply(self, actions: list[Action]) -> None:
-        for action in actions:
-            if action.layer != self.index:
-                raise ActionError(f"action for layer {action.layer} reached layer {self.index}")
-            if max(action.heads) >= self.owner.spec.num_kv_heads:
-                raise ActionError(f"head {max(action.heads)} out of range ({self.owner.spec.num_kv_heads} KV heads)")
-            if isinstance(action, Offload):
-                self._offload(action)
-            elif isinstance(action, Select):
-                self._select(action)
-            elif isinstance(action, Recall):
-                self._recall(action)
-            elif isinstance(action, Attend):
-                for i, h in enumerate(action.heads):
-                    self.attend_views[h] = Selection(
-                        indices=action.selection.indices[:, i : i + 1], lengths=action.selection.lengths[:, i : i + 1]
-                    )
-            else:
-                raise ActionError(f"the hf backend cannot execute {type(action).__name__}")
+    def check(self, action: Action) -> None:
+        if action.layer != self.index:
+            raise ActionError(f"action for layer {action.layer} reached layer {self.index}")
+        if max(action.heads) >= self.owner.spec.num_kv_heads:
+            raise ActionError(f"head {max(action.heads)} out of range ({self.owner.spec.num_kv_heads} KV heads)")
+
+    def attend_view(self, action: Attend) -> None:
+        for i, h in enumerate(action.heads):
+            self.attend_views[h] = action.selection.head(i)
 
     def _make_ragged(self) -> RaggedKV:
         if self.ragged is None:
@@ -144,7 +133,7 @@ class HeadwiseLayer(compat.DynamicLayer):
             raise ActionError(f"layer {self.index}: {what} names positions that are not on the device")
         return kv_rows.gather(2, idx[..., None, None].expand(*idx.shape, *kv_rows.shape[3:])), want
 
-    def _select(self, action: Select) -> None:
+    def select(self, action: Select) -> None:
         heads = list(action.heads)
         kv, pos = self._rows_of(heads, action.selection, "Select")
         lengths = action.selection.lengths.tolist()  # one host read per Select: sizes the new layout
@@ -154,7 +143,7 @@ class HeadwiseLayer(compat.DynamicLayer):
                     self.host_resident[(b, h)] = row[i]
         self.ragged = self.ragged.replace(heads, kv, pos, lengths, self.owner.headroom)
 
-    def _offload(self, action: Offload) -> None:
+    def offload(self, action: Offload) -> None:
         store = self._make_ragged()
         runtime = self.owner.runtime
         for b in range(store.batch_size):
@@ -167,7 +156,7 @@ class HeadwiseLayer(compat.DynamicLayer):
                 self.host_positions[(b, h)] = store.positions[start : start + n].clone()
                 self.host_resident[(b, h)] = n
 
-    def _recall(self, action: Recall) -> None:
+    def recall(self, action: Recall) -> None:
         store = self._make_ragged()
         lengths = action.selection.lengths.tolist()  # one host read per Recall: sizes the copies
         requests, moved = [], []

@@ -14,7 +14,8 @@ from hcpolicy.drift import EveryN
 from hcpolicy.policy.baselines import AdaSnapKV, SnapKV
 from hcpolicy.policy.heterocache import HeteroCachePolicy
 from hcpolicy.policy.quest import Quest
-from hcpolicy.reference import ActionError, ReferenceCache
+from hcpolicy.actions import ActionError
+from hcpolicy.reference import ReferenceCache
 
 from test_hf_exactness import prompt, synthetic_profile
 

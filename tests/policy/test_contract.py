@@ -13,7 +13,8 @@ import torch
 
 from hcpolicy.actions import Action, Attend, Offload, Selection
 from hcpolicy.observe import LayerCache, Observation, Phase
-from hcpolicy.reference import ActionError, ReferenceCache, simulate
+from hcpolicy.actions import ActionError
+from hcpolicy.reference import ReferenceCache, simulate
 from hcpolicy.registry import POLICIES
 
 NAMES = POLICIES.names()
