@@ -116,6 +116,24 @@ def print_table(records: Iterable[Record], console: Console) -> None:
     console.print("[dim]scores in %, mean over samples (and seeds); KV on device = device / full KV bytes[/dim]")
 
 
+def markdown_table(records: Iterable[Record]) -> str:
+    """The same tables as ``print_table``, as Markdown (for READMEs and issue notes)."""
+    lines: list[str] = []
+    for (model, protocol, length), rows in summarize(records).items():
+        tasks = _tasks(rows)
+        lines += [f"**{protocol}**, {length} tokens, {model} (scores in %)", ""]
+        lines.append("| policy | budget | KV on device | " + " | ".join(tasks) + " | mean | recalls |")
+        lines.append("|---|---|---|" + "---|" * len(tasks) + "---|---|")
+        for row in rows:
+            cells = [_pct(row.scores.get(t)) for t in tasks]
+            lines.append(
+                f"| {row.policy} | {row.compression:g} | {_pct(row.device_fraction)} | " + " | ".join(cells)
+                + f" | {_pct(row.mean)} | {row.recalls} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot(records: Iterable[Record], path: str | os.PathLike[str]) -> list[Path]:
     """Score against device KV fraction, one line per policy, one panel per group; PNG.
 

@@ -78,3 +78,16 @@ def test_plot_of_one_task_writes_one_file_and_no_records_fail(tmp_path):
     assert [p.name for p in plot(one, tmp_path / "one.png")] == ["one.png"]
     with pytest.raises(ValueError, match="no records"):
         plot([], tmp_path / "none.png")
+
+
+def test_markdown_table_lists_every_row():
+    from hcpolicy.eval.report import markdown_table
+    from hcpolicy.eval.results import Record
+
+    def rec(policy, c, score, task="niah_single"):
+        return Record(task=task, policy=policy, compression=c, context_length=100, samples=2, score=score,
+                      kv_bytes_device=int(1000 * c), kv_bytes_full=1000, protocol="aware", model="m")  # fmt: skip
+
+    text = markdown_table([rec("full", 1.0, 1.0), rec("snapkv", 0.5, 0.5), rec("snapkv", 0.5, 0.0, task="drift")])
+    assert "| full | 1 | 100.0 |" in text
+    assert "| snapkv | 0.5 | 50.0 | 50.0 | 0.0 | 25.0 | 0 |" in text
