@@ -109,12 +109,15 @@ def topk_selection(
     budgets: torch.Tensor,
     positions: torch.Tensor,
     valid: torch.Tensor | None = None,
+    *,
+    width: int | None = None,
 ) -> Selection:
     """Per-head top-``budgets`` entries by score, returned as ascending logical positions.
 
     scores: [B, H, L] (higher = keep); budgets: [B, H] int64 (clamped to the valid count);
-    positions: [B, H, L] logical positions of the entries; valid: [B, H, L] bool or None.
-    Ties break towards the lower index, so results are deterministic.
+    positions: [B, H, L] logical positions of the entries; valid: [B, H, L] bool or None;
+    width: a host-side upper bound of ``budgets`` that sizes the padding (None: read
+    ``budgets.max()``, one host sync). Ties break towards the lower index.
     """
     b, h, length = scores.shape
     if valid is None:
@@ -131,8 +134,9 @@ def topk_selection(
     sentinel = torch.iinfo(torch.int64).max
     picked = picked.masked_fill(~keep, sentinel)
     picked = torch.sort(picked, dim=-1).values
-    k_max = int(budgets.max()) if budgets.numel() else 0  # one host read per selection, not per token
-    picked = picked[..., :k_max]
+    if width is None:
+        width = int(budgets.max()) if budgets.numel() else 0  # one host read per selection, not per token
+    picked = picked[..., : min(width, length)]
     picked = picked.masked_fill(picked == sentinel, 0)
     return Selection(indices=picked.contiguous(), lengths=budgets.to(torch.int64))
 

@@ -157,9 +157,17 @@ class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
                 self.host_resident[(b, h)] = n
 
     def recall(self, action: Recall) -> None:
+        """Write the recalled rows over the offloaded rows a head holds, in place.
+
+        Two host reads per action, whatever the number of heads: the lengths (they size the
+        copies), then one vector saying which heads changed and whether every position was
+        offloaded. A sequence whose trigger did not fire is handed its current set again
+        and moves no bytes.
+        """
         store = self._make_ragged()
-        lengths = action.selection.lengths.tolist()  # one host read per Recall: sizes the copies
-        requests, moved = [], []
+        lengths = action.selection.lengths.tolist()
+        plan = []  # (b, h, start, n, rows)
+        changed, missing = [], []
         for b in range(store.batch_size):
             for i, h in enumerate(action.heads):
                 if (b, h) not in self.host_positions:
@@ -170,24 +178,27 @@ class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
                         f"layer {self.index} head {h}: Recall of {n} rows where {self.host_resident[(b, h)]} "
                         "offloaded rows are resident; the hf backend recalls into the same slots"
                     )
-                want = action.selection.indices[b, i, :n].to(store.positions.device)
+                want = action.selection.indices[b, i, :n].to(store.positions.device)  # [n]
                 start = store.host_starts[b][h]
-                # a sequence whose trigger did not fire is handed its current set again:
-                # nothing to move (a host read per head; recalls are rare)
-                if torch.equal(store.positions[start : start + n], want):
-                    continue
-                host_pos = self.host_positions[(b, h)]
-                rows = torch.searchsorted(host_pos, want).clamp(max=host_pos.shape[0] - 1)
-                moved.append((host_pos[rows], want, b))
-                store.positions[start : start + n] = want
-                requests.append(((self.owner.cache_id, self.index, b, h), rows, store.kv[start : start + n]))
-        for found, want, _ in moved:
-            if not torch.equal(found, want):
-                raise ActionError(f"layer {self.index}: Recall names positions that were never offloaded")
+                host_pos = self.host_positions[(b, h)]  # [N] ascending
+                rows = torch.searchsorted(host_pos, want).clamp(max=host_pos.shape[0] - 1)  # [n]
+                changed.append((store.positions[start : start + n] != want).any())
+                missing.append((host_pos[rows] != want).any())
+                plan.append((b, h, start, n, rows, want))
+        flags = torch.stack(changed + missing).tolist() if plan else []
+        if any(flags[len(plan) :]):
+            raise ActionError(f"layer {self.index}: Recall names positions that were never offloaded")
+        requests, moved = [], set()
+        for (b, h, start, n, rows, want), moves in zip(plan, flags[: len(plan)]):
+            if not moves:
+                continue
+            store.positions[start : start + n] = want
+            requests.append(((self.owner.cache_id, self.index, b, h), rows, store.kv[start : start + n]))
+            moved.add(b)
         if requests:
             self.owner.runtime.wait(self.owner.runtime.recall_many(requests))
             self.owner.recalls += 1
-            for b in {b for _, _, b in moved}:
+            for b in moved:
                 self.owner.sequence_recalls[b] = self.owner.sequence_recalls.get(b, 0) + 1
 
 
@@ -227,7 +238,9 @@ class HeadwiseCache(compat.Cache):
         self.observer: Callable[[int, int, torch.Tensor, LayerCache, float | None], None] | None = None
         HeadwiseCache._next_id += 1
         self.cache_id = HeadwiseCache._next_id
-        self.runtime = TransferRuntime(device)
+        # recall rows come from searchsorted over the offloaded positions, in range by
+        # construction: no per-recall range check (it would cost a host sync)
+        self.runtime = TransferRuntime(device, check_device_rows=False)
         super().__init__(layers=[HeadwiseLayer(self, i) for i in range(spec.num_layers)])
 
     def compress(self, layer: HeadwiseLayer, queries: torch.Tensor, positions: torch.Tensor) -> None:

@@ -45,6 +45,7 @@ class HeteroCachePolicy(Policy):
     _budgets: dict = attrs.field(factory=dict, init=False, repr=False)
     _monitor_k: int = attrs.field(default=1, init=False, repr=False)
     _pending: dict = attrs.field(factory=dict, init=False, repr=False)
+    _widths: dict = attrs.field(factory=dict, init=False, repr=False)
     recalls: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -71,6 +72,7 @@ class HeteroCachePolicy(Policy):
         self._satellite_sets.clear()
         self._budgets.clear()
         self._pending.clear()
+        self._widths.clear()
         self.trigger.reset()
         self.recalls = 0
 
@@ -101,6 +103,8 @@ class HeteroCachePolicy(Policy):
             sat_idx = [compressed.index(s) for s in sats]
             self._satellite_sets[(layer, pivot)] = _subset(selection, sat_idx)
             self._budgets[(layer, pivot)] = budgets[:, list(sats)]
+            # host copy of the widest satellite budget: sizes recalls without a sync
+            self._widths[(layer, pivot)] = int(budgets[:, list(sats)].max())
             self.trigger.set_reference((layer, pivot), topk_sets(scores[:, pivot], self._monitor_k))
         return actions
 
@@ -145,22 +149,25 @@ class HeteroCachePolicy(Policy):
             # one host read per pivot every W steps: whether to emit an action is a host decision
             if fired is None or not bool(fired.any()):
                 continue
-            fresh = self._satellite_selection(newest[0], self._budgets[key], newest[1])
+            fresh = self._satellite_selection(newest[0], self._budgets[key], newest[1], self._widths[key])
             merged = _merge(fired, fresh, self._satellite_sets[key])
             self._satellite_sets[key] = merged
             self.recalls += 1
             actions.append(Recall(layer=obs.layer, heads=sats, selection=merged))
         return actions
 
-    def _satellite_selection(self, scores: torch.Tensor, budgets: torch.Tensor, positions: torch.Tensor) -> Selection:
-        """Pivot scores [B, L] -> each satellite's recalled positions; budgets [B, S]."""
+    def _satellite_selection(
+        self, scores: torch.Tensor, budgets: torch.Tensor, positions: torch.Tensor, width: int
+    ) -> Selection:
+        """Pivot scores [B, L] -> each satellite's recalled positions; budgets [B, S]; width:
+        the largest budget (host int)."""
         b, s = budgets.shape
         if not self.faithful:
             expand = scores.unsqueeze(1).expand(b, s, -1)  # [B, S, L]
-            return topk_selection(expand, budgets, positions.unsqueeze(1).expand(b, s, -1))
+            return topk_selection(expand, budgets, positions.unsqueeze(1).expand(b, s, -1), width=width)
         # reference: top-max(l) candidates sorted by position; satellite i takes the first l_i
         widest = budgets.max(dim=1, keepdim=True).values  # [B, 1]
-        cand = topk_selection(scores.unsqueeze(1), widest, positions.unsqueeze(1))  # [B, 1, K]
+        cand = topk_selection(scores.unsqueeze(1), widest, positions.unsqueeze(1), width=width)  # [B, 1, K]
         indices = cand.indices.expand(b, s, -1).contiguous()
         return Selection(indices=indices, lengths=torch.minimum(budgets, cand.lengths))
 
