@@ -52,26 +52,21 @@ TB = 1e12
 def device_time(fn: Callable[[int], None], n_sets: int, reps: int, warmup: int = 3) -> float:
     """Median seconds of ``fn(set)`` on the device: a spin kernel runs ahead of each call, so
     the host has launched the whole call before the GPU reaches it."""
-    times = []
-    for i in range(warmup + reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        torch.cuda._sleep(SPIN_CYCLES)
-        start.record()
-        fn(i % n_sets)
-        end.record()
-        end.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return _timed(fn, n_sets, reps, warmup, spin=True)
 
 
 def eager_time(fn: Callable[[int], None], n_sets: int, reps: int, warmup: int = 3) -> float:
     """Median seconds from the call on an idle GPU to the end of its work (host work counted)."""
+    return _timed(fn, n_sets, reps, warmup, spin=False)
+
+
+def _timed(fn: Callable[[int], None], n_sets: int, reps: int, warmup: int, *, spin: bool) -> float:
     times = []
     for i in range(warmup + reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
+        if spin:
+            torch.cuda._sleep(SPIN_CYCLES)
         start.record()
         fn(i % n_sets)
         end.record()
