@@ -75,7 +75,10 @@ class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
         raise NotImplementedError("HeadwiseCache does not support selecting batch entries")
 
     def reset(self) -> None:
-        super().reset()
+        # drop the tensors (some transformers releases only zero them in place), so that a
+        # reset layer holds no memory
+        self.keys = self.values = None
+        self.is_initialized = False
         self.seen = 0
         self.ragged = None
         self.prefilled = False
@@ -308,9 +311,17 @@ class HeadwiseCache(compat.Cache):
         return self.runtime.host_bytes()
 
     def release(self) -> None:
-        """Free host copies (the device tensors go with the cache object)."""
-        for key in [k for k in self.runtime_keys()]:
+        """Free the host copies and every layer's storage now.
+
+        Layers point back at their cache, so a dropped cache is a reference cycle that only
+        the cycle collector frees, at a time set by object counts, not bytes: a loop over
+        many caches can run out of memory first. Call this when a cache is done.
+        """
+        for key in self.runtime_keys():
             self.runtime.evict(key)
+        for layer in self.layers:
+            layer.reset()
+        self.recorded_queries = [None] * self.spec.num_layers
 
     def runtime_keys(self) -> list[tuple[int, ...]]:
         return [

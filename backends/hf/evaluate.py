@@ -108,6 +108,7 @@ class HFEvaluator:
             results = {}
             for label, policy in policies.items():
                 results[label] = self._generate(recorder, policy, prompts, protocol, mask, logits[:, -1])
+        recorder.release()
         return results
 
     def _generate(

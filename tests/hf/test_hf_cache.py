@@ -149,3 +149,14 @@ def test_decode_kernel_path_matches_the_padded_path(llama):
     fast = _ragged_decode(layer, q, 0.25)
     padded = ragged_attention(q, layer.view(), torch.tensor([90]), 0.25)
     torch.testing.assert_close(fast, padded, rtol=0, atol=1e-5)
+
+
+def test_release_frees_host_copies_and_storage(llama):
+    backend = HFBackend(llama)
+    policy = HeteroCachePolicy(profile=synthetic_profile(backend.spec), compression=0.7)
+    cache, _ = prefill(backend, policy, prompt(length=64))
+    assert cache.host_bytes() > 0 and cache.kv_bytes_device() > 0
+    cache.release()
+    assert cache.host_bytes() == 0 and len(cache.runtime) == 0
+    assert cache.kv_bytes_device() == 0
+    assert all(layer.ragged is None and layer.keys is None for layer in cache.layers)
