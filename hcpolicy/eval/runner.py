@@ -136,9 +136,8 @@ def run(
                     host_bytes=int(acc["host_bytes"]), recalls=int(acc["recalls"]), protocol=protocol,
                     model=generator.model_name, seed=plan.seed,
                 )  # fmt: skip
-                store.add(record)
+                store.add(record)  # rewrites results.json/csv atomically, cell by cell
                 new.append(record)
-            store.save()
     return new, skipped
 
 
