@@ -39,6 +39,17 @@ class DriftTrigger(ABC):
         not a decision point. Returning a device tensor keeps the step free of host syncs.
         """
 
+    def observe_window(self, key: Hashable, first_step: int, topk: torch.Tensor, universe: int) -> torch.Tensor | None:
+        """Feed W consecutive steps at once. topk: [B, W, k]. Returns the OR of what
+        ``observe`` would return for each step (None if no step was a decision point).
+        Override to batch the work (one launch per window instead of W)."""
+        fired = None
+        for w in range(topk.shape[1]):
+            now = self.observe(key, first_step + w, topk[:, w], universe)
+            if now is not None:
+                fired = now if fired is None else fired | now
+        return fired
+
 
 @attrs.define
 class WindowedOverlap(DriftTrigger):
@@ -77,11 +88,24 @@ class WindowedOverlap(DriftTrigger):
             return None
         reference = self._reference[key]
         scores = torch.stack([overlap(t, reference, universe) for t in buffer])  # [W, B]
+        return self._decide(key, scores, buffer[-1])
+
+    def observe_window(self, key: Hashable, first_step: int, topk: torch.Tensor, universe: int) -> torch.Tensor | None:
+        """One window exactly (the policy buffers to ``period``): all W overlaps in one go."""
+        if key not in self._reference:
+            raise KeyError(f"monitor {key!r} has no reference set; call set_reference first")
+        if self._buffer[key] or topk.shape[1] != self.window:
+            return super().observe_window(key, first_step, topk, universe)
+        scores = overlap(topk, self._reference[key].unsqueeze(1), universe).transpose(0, 1)  # [W, B]
+        return self._decide(key, scores, topk[:, -1])
+
+    def _decide(self, key: Hashable, scores: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
+        """scores: [W, B] overlaps with the reference; newest: [B, k] the last step's set."""
         if not self.per_sequence:
             scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
         # torch.median takes the lower middle for even W, as a sorted-list median index would
         fired = scores.median(dim=0).values < self.tau  # [B]
-        newest = buffer[-1]
+        reference = self._reference[key]
         self._reference[key] = torch.where(fired.unsqueeze(-1), newest, reference)
         self._buffer[key] = []
         return fired

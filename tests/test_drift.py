@@ -49,3 +49,36 @@ def test_every_n_and_never():
     assert [f is not None for f in fired] == [False, False, True, False, False, True]
     assert fired[2].tolist() == [True, True]
     assert all(Never().observe("p", s, sets([1]), U) is None for s in range(4))
+
+
+@pytest.mark.parametrize("per_sequence", [True, False])
+def test_observe_window_equals_step_by_step(per_sequence):
+    """The batched window path decides and moves the reference exactly as W single steps do."""
+    gen = torch.Generator().manual_seed(3)
+    universe, k, batch, window = 50, 12, 4, 5
+    one = WindowedOverlap(window=window, per_sequence=per_sequence)
+    many = WindowedOverlap(window=window, per_sequence=per_sequence)
+    reference = torch.stack([torch.randperm(universe, generator=gen)[:k] for _ in range(batch)])
+    for t in (one, many):
+        t.set_reference("m", reference)
+    for round_ in range(4):
+        # half the sequences keep most of the reference, half move away: some fire, some not
+        sets = torch.stack([
+            torch.stack([torch.randperm(universe, generator=gen)[:k] if b % 2 else reference[b] for b in range(batch)])
+            for _ in range(window)
+        ], dim=1)  # [B, W, k]
+        stepwise = [one.observe("m", round_ * window + w, sets[:, w], universe) for w in range(window)]
+        assert all(s is None for s in stepwise[:-1])
+        batched = many.observe_window("m", round_ * window, sets, universe)
+        assert torch.equal(batched, stepwise[-1])
+        assert torch.equal(many._reference["m"], one._reference["m"])
+    if per_sequence:  # the moving sequences fired: the test exercised both outcomes
+        assert bool(stepwise[-1].any()) and not bool(stepwise[-1].all())
+
+
+def test_observe_window_default_loops_observe():
+    """A trigger that only implements ``observe`` gets the OR over the window."""
+    trigger = EveryN(n=2)
+    sets = torch.zeros(3, 4, 5, dtype=torch.int64)
+    assert torch.equal(trigger.observe_window("m", 0, sets, 10), torch.ones(3, dtype=torch.bool))
+    assert trigger.observe_window("m", 0, sets[:, :1], 10) is None

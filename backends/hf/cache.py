@@ -165,39 +165,45 @@ class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
         Two host reads per action, whatever the number of heads: the lengths (they size the
         copies), then one vector saying which heads changed and whether every position was
         offloaded. A sequence whose trigger did not fire is handed its current set again
-        and moves no bytes.
+        and moves no bytes. The per-head bookkeeping runs as a few batched ops over all
+        (sequence, head) pairs: on a GPU decode step it is launch overhead that costs.
         """
         store = self._make_ragged()
-        lengths = action.selection.lengths.tolist()
-        plan = []  # (b, h, start, n, rows)
-        changed, missing = [], []
+        heads = list(action.heads)
+        lengths = action.selection.lengths.tolist()  # [B][H']
         for b in range(store.batch_size):
-            for i, h in enumerate(action.heads):
+            for i, h in enumerate(heads):
                 if (b, h) not in self.host_positions:
                     raise ActionError(f"layer {self.index} head {h}: Recall without an earlier Offload")
-                n = lengths[b][i]
-                if n != self.host_resident[(b, h)]:
+                if lengths[b][i] != self.host_resident[(b, h)]:
                     raise ActionError(
-                        f"layer {self.index} head {h}: Recall of {n} rows where {self.host_resident[(b, h)]} "
-                        "offloaded rows are resident; the hf backend recalls into the same slots"
+                        f"layer {self.index} head {h}: Recall of {lengths[b][i]} rows where "
+                        f"{self.host_resident[(b, h)]} offloaded rows are resident; the hf backend recalls into "
+                        "the same slots"
                     )
-                want = action.selection.indices[b, i, :n].to(store.positions.device)  # [n]
-                start = store.host_starts[b][h]
-                host_pos = self.host_positions[(b, h)]  # [N] ascending
-                rows = torch.searchsorted(host_pos, want).clamp(max=host_pos.shape[0] - 1)  # [n]
-                changed.append((store.positions[start : start + n] != want).any())
-                missing.append((host_pos[rows] != want).any())
-                plan.append((b, h, start, n, rows, want))
-        flags = torch.stack(changed + missing).tolist() if plan else []
-        if any(flags[len(plan) :]):
+        device = store.positions.device
+        width = max(1, max(map(max, lengths)))
+        want = action.selection.indices[..., :width].to(device)  # [B, H', K]
+        k = torch.arange(want.shape[2], device=device)
+        valid = k < action.selection.lengths.to(device).unsqueeze(-1)  # [B, H', K]
+        host_pos = _stack_padded([[self.host_positions[(b, h)] for h in heads] for b in range(store.batch_size)])
+        rows = torch.searchsorted(host_pos, want).clamp(max=host_pos.shape[2] - 1)  # [B, H', K]
+        slots = store.starts[:, heads].unsqueeze(-1) + torch.minimum(k, (store.lengths[:, heads] - 1).clamp(min=0).unsqueeze(-1))
+        changed = ((store.positions[slots] != want) & valid).any(-1)  # [B, H']
+        missing = ((host_pos.gather(2, rows) != want) & valid).any()
+        flags = torch.cat([changed.flatten(), missing.reshape(1)]).tolist()
+        if flags[-1]:
             raise ActionError(f"layer {self.index}: Recall names positions that were never offloaded")
+        moves = (changed.unsqueeze(-1) & valid)  # [B, H', K]
+        store.positions[slots[moves]] = want[moves]
         requests, moved = [], set()
-        for (b, h, start, n, rows, want), moves in zip(plan, flags[: len(plan)]):
-            if not moves:
-                continue
-            store.positions[start : start + n] = want
-            requests.append(((self.owner.cache_id, self.index, b, h), rows, store.kv[start : start + n]))
-            moved.add(b)
+        for b in range(store.batch_size):
+            for i, h in enumerate(heads):
+                if not flags[b * len(heads) + i]:
+                    continue
+                start, n = store.host_starts[b][h], lengths[b][i]
+                requests.append(((self.owner.cache_id, self.index, b, h), rows[b, i, :n], store.kv[start : start + n]))
+                moved.add(b)
         if requests:
             self.owner.runtime.wait(self.owner.runtime.recall_many(requests))
             self.owner.recalls += 1
@@ -338,3 +344,16 @@ def _covers(recorded: int | None, needed: int | None) -> bool:
     if recorded is None:
         return True
     return needed is not None and needed <= recorded
+
+
+def _stack_padded(rows: list[list[torch.Tensor]]) -> torch.Tensor:
+    """[B][H'] ascending 1-D position tensors -> [B, H', N] (shorter ones padded with int64
+    max, so searchsorted over a row never lands in the padding for a real position)."""
+    width = max(t.shape[0] for row in rows for t in row)
+    flat = [t for row in rows for t in row]
+    if all(t.shape[0] == width for t in flat):
+        return torch.stack(flat).reshape(len(rows), len(rows[0]), width)
+    big = torch.iinfo(torch.int64).max
+    return torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[0]), value=big) for t in flat]).reshape(
+        len(rows), len(rows[0]), width
+    )

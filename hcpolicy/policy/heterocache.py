@@ -139,11 +139,10 @@ class HeteroCachePolicy(Policy):
                 last = torch.full((queries.shape[2],), obs.prompt_length, device=queries.device)
                 scores = self._scores(queries, last, prompt)  # [B, W, L]
                 first_step = obs.step + i + 1 - len(pending)
-                for w in range(scores.shape[1]):
-                    now = self.trigger.observe(key, first_step + w, topk_sets(scores[:, w], self._monitor_k),
-                                               obs.prompt_length)  # fmt: skip
-                    if now is not None:
-                        fired = now if fired is None else fired | now
+                sets = topk_sets(scores, self._monitor_k)  # [B, W, k]: one top-k for the window
+                now = self.trigger.observe_window(key, first_step, sets, obs.prompt_length)
+                if now is not None:
+                    fired = now if fired is None else fired | now
                 newest = (scores[:, -1], prompt.positions[:, 0])
                 pending.clear()
             # one host read per pivot every W steps: whether to emit an action is a host decision

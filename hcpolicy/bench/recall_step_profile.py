@@ -1,0 +1,109 @@
+"""Where a HeteroCache recall step's time goes in the HF backend (GPU, diagnostic).
+
+Same setup as ``hf_decode`` (Llama-3.1-8B shape, random bf16 weights and K/V, batch 1,
+C = 0.5); decodes until a recall step, then times the pieces of one recall step with host
+syncs around each (policy decode, recall execution, attention) and writes a torch.profiler
+table of the next recall step:
+
+    PYTHONPATH=$PWD python3 -m hcpolicy.bench.recall_step_profile --out $OUT/recall_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+from typing import Any
+
+import torch
+
+from hcpolicy.bench.hf_decode import llama8b_config, llama_like_profile, random_kv
+from hcpolicy.policy.heterocache import HeteroCachePolicy
+
+
+def timed(table: dict[str, list[float]], name: str, fn: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        table[name].append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    return wrapper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    from transformers import LlamaForCausalLM
+
+    from hcpolicy.backends.hf import HFBackend
+    from hcpolicy.backends.hf import cache as cache_mod
+    from hcpolicy.backends.hf.compat import cache_kwarg
+
+    length = args.context
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(llama8b_config(length + 1024)).to(torch.bfloat16).eval()
+    model.set_attn_implementation("sdpa")
+    backend = HFBackend(model)
+    policy = HeteroCachePolicy(profile=llama_like_profile(backend.spec), compression=0.5)
+    cache = backend.new_cache(policy, headroom=64)
+    cache.prompt_length = length
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for layer in cache.layers:
+        k, v = random_kv(length, gen)
+        layer.update(k, v)
+        layer.prefilled = True
+        query = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        cache.compress(layer, query, torch.tensor([length - 1], device="cuda"))
+        del k, v
+    token = torch.tensor([[17]], device="cuda")
+
+    def step(i: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(token, **{cache_kwarg(model): cache}, position_ids=torch.tensor([[length + i]], device="cuda"))
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    result: dict[str, Any] = {"context": length}
+    with backend.attach():
+        plain = [step(i) for i in range(10)]  # two recall steps (4 and 9) included, compiles kernels
+        result["warm_steps_ms"] = plain
+        pieces: dict[str, list[float]] = collections.defaultdict(list)
+        original_decode, original_select = policy.decode, policy._satellite_selection
+        original_recall = cache_mod.HeadwiseLayer.recall
+        policy.decode = timed(pieces, "policy.decode", original_decode)
+        policy._satellite_selection = timed(pieces, "policy._satellite_selection", original_select)
+        cache_mod.HeadwiseLayer.recall = timed(pieces, "layer.recall", original_recall)
+        instrumented = [step(10 + i) for i in range(5)]  # step 14 is a recall step
+        policy.decode, policy._satellite_selection = original_decode, original_select
+        cache_mod.HeadwiseLayer.recall = original_recall
+        result["instrumented_steps_ms"] = instrumented
+        result["pieces_ms_total"] = {k: sum(v) for k, v in pieces.items()}
+        result["pieces_calls"] = {k: len(v) for k, v in pieces.items()}
+        from torch.profiler import ProfilerActivity, profile
+
+        for i in range(15, 19):
+            step(i)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            result["profiled_step_ms"] = step(19)  # a recall step
+        result["profile_cpu"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        result["profile_cuda"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20)
+        result["after_steps_ms"] = [step(20 + i) for i in range(10)]
+    result["recalls"] = cache.recalls
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("profile_")}, indent=1))
+    print(result["profile_cpu"])
+    print(result["profile_cuda"])
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
