@@ -228,5 +228,58 @@ def evaluate_command(
     console.print(f"results: {store.json_path}, {store.csv_path}; plots: {', '.join(map(str, paths))}")
 
 
+@app.command("bench")
+@fail_cleanly
+def bench_command(
+    backend: str = typer.Option("torch_engine", help="torch_engine or hf"),
+    config: str = typer.Option("llama-3.1-8b", help="model shape with random weights: llama-3.1-8b or tiny"),
+    context: str = typer.Option("32768,131072", help="comma list of context lengths"),
+    batch: str = typer.Option("1", help="comma list of batch sizes"),
+    policy: str = typer.Option("full,heterocache", help="comma list of policies (heterocache uses a synthetic profile)"),
+    compression: float = typer.Option(0.5, help="fraction of the full KV kept on the device"),
+    steps: int = typer.Option(8, help="timed decode steps per cell"),
+    warmup: int = typer.Option(6, help="untimed decode steps first"),
+    random_kv: bool = typer.Option(True, "--random-kv/--prefill", help="fill the cache with random K/V, or prefill random tokens"),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="torch_engine: capture the decode step"),
+    device: str = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+    output_dir: Path = typer.Option(Path("hc-bench"), help="bench.json and bench.png go here"),
+) -> None:
+    """Decode latency per token against context and batch, beside the bandwidth floor."""
+    import torch
+
+    from hcpolicy.backends.torch_engine.bench import BenchPlan, run_sweep, write_outputs
+
+    def ints(value: str, name: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in split(value))
+        except ValueError:
+            raise UserError(f"--{name} must be a comma list of integers, got {value!r}") from None
+
+    if backend not in ("torch_engine", "hf"):
+        raise UserError(f"hc bench runs the torch_engine and hf backends, got {backend!r}")
+    backend_class(backend)  # the backend's packages must import
+    policies = split(policy)
+    for name in policies:
+        if name != "full" and name not in POLICIES:
+            raise UserError(f"unknown policy {name!r}; known: {', '.join(POLICIES.names())}")
+    plan = BenchPlan(
+        backend=backend, config=config, contexts=ints(context, "context"), batches=ints(batch, "batch"),
+        policies=tuple(policies), compression=compression, steps=steps, warmup=warmup, random_kv=random_kv,
+        cuda_graphs=cuda_graphs, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+    )  # fmt: skip
+    results = run_sweep(plan, progress=lambda line: console.print(line, highlight=False))
+    table = Table(title=f"{backend} decode ({config}, {results['device']}, "
+                        f"{results['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s measured)")  # fmt: skip
+    for column in ("policy", "context", "batch", "ms/token", "mean", "floor ms", "x floor", "KV read GB", "recalls"):
+        table.add_column(column, justify="right")
+    for r in results["rows"]:
+        table.add_row(r["policy"], str(r["context"]), str(r["batch"]), f"{r['ms_per_token']:.2f}", f"{r['ms_mean']:.2f}",
+                      f"{r['floor_ms']:.2f}", f"{r['floor_ratio']:.1f}", f"{r['kv_bytes_read'] / 1e9:.3f}",
+                      str(r["recalls"]))  # fmt: skip
+    console.print(table)
+    json_path, png_path = write_outputs(results, output_dir)
+    console.print(f"results: {json_path}; plot: {png_path}")
+
+
 if __name__ == "__main__":
     app()

@@ -90,5 +90,8 @@ POLICIES: Registry = Registry(
 BACKENDS: Registry = Registry(
     "backend",
     "hcpolicy.backends",
-    builtins={"hf": "hcpolicy.backends.hf:HFBackend"},
+    builtins={
+        "hf": "hcpolicy.backends.hf:HFBackend",
+        "torch_engine": "hcpolicy.backends.torch_engine:TorchEngineBackend",
+    },
 )

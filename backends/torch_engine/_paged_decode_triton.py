@@ -1,0 +1,116 @@
+"""Triton split-K decode over paged per-head KV (imported only on the triton path).
+
+``_paged_chunk_kernel``, grid (n_chunks, H_kv, B): program (c, h, b) reads entries
+``[c * chunk, min((c + 1) * chunk, length))`` of head (b, h) once, BLOCK_N at a time,
+for all G query heads of the group (GQA: a [BLOCK_G, D] query tile, G padded to the 16
+rows a tensor-core dot needs), with an online softmax in fp32, and writes the chunk's
+normalised output and log2-sum-exp. Each tile looks its rows up in the head's page table
+(a vector load: any page size, including 1 for row tables). Programs past a head's length
+exit at once, so the grid depends on the host bound ``max_length`` only (CUDA graphs).
+The merge of the chunks is ``hcpolicy.kernels``' ragged-decode combine kernel, reused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from hcpolicy.kernels._ragged_decode_triton import _combine_kernel, block_d_of, n_sm_of, partials_shapes, tiling
+from hcpolicy.kernels.ragged_decode import DecodeConfig, plan_chunks
+
+
+@triton.jit
+def _paged_chunk_kernel(
+    q_ptr, kv_ptr, table_ptr, lengths_ptr, o_part_ptr, lse_part_ptr,
+    qk_scale, chunk, page_size,
+    stride_qb, stride_qh, stride_kvs, stride_kvt, stride_tb, stride_th, stride_lb, stride_lh,
+    stride_pb, stride_ph, stride_pc, stride_eb, stride_eh,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    length = tl.load(lengths_ptr + b * stride_lb + h * stride_lh).to(tl.int32)
+    lo = c * chunk
+    if lo < length:
+        hi = tl.minimum(lo + chunk, length)
+        table = table_ptr + b * stride_tb + h * stride_th
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        g_ok = offs_g < G
+        d_ok = offs_d < D
+        heads = h * G + offs_g  # [BLOCK_G] query heads of the group
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=g_ok[:, None] & d_ok[None, :], other=0.0,
+        )  # [BLOCK_G, BLOCK_D]
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            entries = n0 + offs_n  # [BLOCK_N]
+            n_ok = entries < hi
+            page = tl.load(table + entries // page_size, mask=n_ok, other=0)  # int64 page ids
+            rows = page * page_size + entries % page_size  # [BLOCK_N] int64 pool rows
+            k_ptrs = kv_ptr + rows[:, None] * stride_kvs + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+            if D == BLOCK_D:
+                k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+                v = tl.load(k_ptrs + stride_kvt, mask=n_ok[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                v = tl.load(k_ptrs + stride_kvt, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        part = b * stride_pb + heads * stride_ph + c * stride_pc
+        tl.store(o_part_ptr + part[:, None] + offs_d[None, :], acc / l_i[:, None], mask=g_ok[:, None] & d_ok[None, :])
+        tl.store(lse_part_ptr + b * stride_eb + heads * stride_eh + c, m_i + tl.log2(l_i), mask=g_ok)
+
+
+def paged_decode_triton(
+    q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor, page_size: int, scale: float,
+    max_length: int, config: DecodeConfig, out: torch.Tensor | None = None,
+    o_part: torch.Tensor | None = None, lse_part: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Launch both kernels on checked inputs; q: [B, H_q, D] -> [B, H_q, D]. o_part and
+    lse_part (fp32 scratch, ``partials_shapes``) may be passed in (tests poison them)."""
+    batch, h_q, dim = q.shape
+    h_kv = lengths.shape[1]
+    if kv.stride(2) != 1 or table.stride(2) != 1:
+        raise ValueError("kv's and table's last dims must be contiguous")
+    q = q if q.stride(2) == 1 else q.contiguous()
+    result = torch.empty_like(q) if out is None else out
+    plan = plan_chunks(max(1, max_length), batch, h_kv, n_sm_of(q.device), config)
+    block_d = block_d_of(dim)
+    o_shape, lse_shape = partials_shapes(batch, h_q, dim, plan)
+    o_part = torch.empty(o_shape, dtype=torch.float32, device=q.device) if o_part is None else o_part
+    lse_part = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if lse_part is None else lse_part
+    block_g = max(16, triton.next_power_of_2(h_q // h_kv))
+    block_n, stages = tiling(config, block_d, kv.element_size())
+    _paged_chunk_kernel[(plan.n_chunks, h_kv, batch)](
+        q, kv, table, lengths, o_part, lse_part,
+        scale * math.log2(math.e), plan.chunk, page_size,
+        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), table.stride(0), table.stride(1),
+        lengths.stride(0), lengths.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse_part.stride(0), lse_part.stride(1),
+        G=h_q // h_kv, D=dim, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if kv.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=stages,
+    )  # fmt: skip
+    _combine_kernel[(h_q, batch)](
+        o_part, lse_part, lengths, result, plan.chunk, plan.n_chunks,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        lengths.stride(0), lengths.stride(1), result.stride(0), result.stride(1),
+        G=h_q // h_kv, D=dim, BLOCK_D=block_d, BLOCK_C=max(1, 8192 // block_d), num_warps=4,
+    )  # fmt: skip
+    return result

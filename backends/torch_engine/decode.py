@@ -1,0 +1,107 @@
+"""Decode attention over paged per-head KV: one new query token per sequence.
+
+Head (b, h) holds ``lengths[b, h]`` entries; entry i is pool row
+``table[b, h, i // page_size] * page_size + i % page_size`` of ``kv [R, 2, D]``. Each of
+the G = H_q / H_kv query heads of KV head h attends to all of them (every cached token
+precedes the new one: no mask). Two implementations with one contract:
+
+- ``paged_decode_triton`` (CUDA): split-K flash-decoding, each head's pages read once for
+  its G query heads; see ``_paged_decode_triton``.
+- ``paged_decode_torch``: gathers the rows and takes a float32 softmax; fixed shapes
+  given ``width``, so it runs anywhere (CPU tests, CUDA without triton, graph capture).
+
+A head with no entries gives zeros. ``page_size = 1`` turns the table into a row table
+(Attend views use that).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Literal
+
+import torch
+
+from hcpolicy.kernels.ragged_decode import DecodeConfig
+
+DecodeKernel = Literal["auto", "triton", "torch"]
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_kernel(kernel: DecodeKernel, device: torch.device) -> str:
+    """'auto' -> 'triton' on CUDA with triton installed, else 'torch'. Asking for 'triton'
+    where it cannot run is an error, not a silent fallback."""
+    if kernel not in ("auto", "triton", "torch"):
+        raise ValueError(f"decode kernel must be 'auto', 'triton' or 'torch', got {kernel!r}")
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" and have_triton() else "torch"
+    if kernel == "triton" and (device.type != "cuda" or not have_triton()):
+        raise ValueError("decode kernel 'triton' needs a CUDA device and the triton package")
+    return kernel
+
+
+def check_inputs(q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor, page_size: int) -> None:
+    """Shapes, dtypes and devices (never reads device memory)."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be [B, H_q, D], got {tuple(q.shape)}")
+    if kv.ndim != 3 or kv.shape[1] != 2 or kv.shape[2] != q.shape[2]:
+        raise ValueError(f"kv must be [R, 2, D] with D = {q.shape[2]}, got {tuple(kv.shape)}")
+    if q.dtype not in DTYPES or kv.dtype != q.dtype:
+        raise ValueError(f"q and kv must share one dtype of {DTYPES}, got {q.dtype} and {kv.dtype}")
+    if table.ndim != 3 or lengths.ndim != 2 or table.shape[:2] != lengths.shape or table.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"table must be [B, H_kv, M] and lengths [B, H_kv] with B = {q.shape[0]}, got "
+            f"{tuple(table.shape)} and {tuple(lengths.shape)}"
+        )
+    if table.dtype != torch.int64 or lengths.dtype != torch.int64:
+        raise ValueError(f"table and lengths must be int64, got {table.dtype} and {lengths.dtype}")
+    if q.shape[1] % lengths.shape[1]:
+        raise ValueError(f"H_q ({q.shape[1]}) must be a multiple of H_kv ({lengths.shape[1]})")
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
+    if len({t.device for t in (q, kv, table, lengths)}) != 1:
+        raise ValueError("q, kv, table and lengths must be on one device")
+
+
+def paged_decode_torch(
+    q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor, page_size: int, scale: float,
+    width: int,
+) -> torch.Tensor:  # fmt: skip
+    """q: [B, H_q, D] -> [B, H_q, D]. ``width``: a host bound of ``lengths`` (entries read
+    per head; a fixed width gives fixed shapes)."""
+    check_inputs(q, kv, table, lengths, page_size)
+    b, h_q, d = q.shape
+    h_kv = lengths.shape[1]
+    width = max(1, width)
+    entries = torch.arange(width, device=q.device)  # [W]
+    pages = table.gather(-1, (entries // page_size).clamp(max=table.shape[-1] - 1).expand(b, h_kv, width))
+    rows = pages * page_size + entries % page_size  # [B, H_kv, W]
+    k = kv[rows, 0].float()  # [B, H_kv, W, D]
+    v = kv[rows, 1].float()
+    qg = q.float().view(b, h_kv, h_q // h_kv, d)  # [B, H_kv, G, D]
+    scores = torch.einsum("bhgd,bhwd->bhgw", qg, k) * scale  # [B, H_kv, G, W]
+    valid = (entries < lengths.unsqueeze(-1)).unsqueeze(2)  # [B, H_kv, 1, W]
+    weights = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhgw,bhwd->bhgd", weights, v)  # [B, H_kv, G, D]
+    return out.reshape(b, h_q, d).to(q.dtype)
+
+
+def paged_decode(
+    q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor, page_size: int, scale: float, *,
+    max_length: int, kernel: str = "torch", config: DecodeConfig | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Dispatch to ``kernel`` ('triton' or 'torch', see ``resolve_kernel``). ``max_length``
+    is a host bound of ``lengths``: it sizes the grid (triton) or the gather (torch)."""
+    if kernel == "triton":
+        from ._paged_decode_triton import paged_decode_triton
+
+        check_inputs(q, kv, table, lengths, page_size)
+        return paged_decode_triton(q, kv, table, lengths, page_size, float(scale), max_length, config or DecodeConfig())
+    if kernel == "torch":
+        return paged_decode_torch(q, kv, table, lengths, page_size, scale, max_length)
+    raise ValueError(f"decode kernel must be 'triton' or 'torch', got {kernel!r}")

@@ -1,0 +1,402 @@
+"""Engine: prefill and decode a batch of sequences over paged per-head KV, driven by a policy.
+
+The loop is nano-vllm's: ``prefill`` runs the prompts and lets the policy compress each
+layer; ``decode`` runs one token per sequence; ``generate`` is greedy decoding on top.
+
+    engine = Engine(load_checkpoint(path), EngineConfig(max_seq_len=8192))
+    out = engine.generate([[1, 2, 3]], max_new_tokens=16, policy=HeteroCachePolicy(...))
+
+Positions: prompts of a batch are left-aligned to the longest one in *logical* positions
+(what actions speak in; a sequence of length L_b starts at L_max - L_b, as HF's left
+padding), but nothing is stored for the padding, and RoPE sees each sequence from 0.
+
+Decode observations: without CUDA graphs the policy sees each layer during the step (after
+the new token is stored, before attention), exactly as the HF backend runs it. With CUDA
+graphs the step is one captured graph: the queries are recorded inside it and the policy
+reads them after the step; its actions (a recall) take effect from the next step, whose
+layers wait for their own copies (that step runs eagerly). Policies that need Attend views
+(Quest) must see the step before attending: they need ``cuda_graphs=False``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from hcpolicy._validate import integer
+from hcpolicy.actions import Attend, Offload, Recall, Select
+from hcpolicy.capabilities import Capabilities, Requirements, unmet
+from hcpolicy.kernels.ragged_decode import DecodeConfig
+from hcpolicy.observe import LayerCache, Observation, Phase
+from hcpolicy.policy.base import Policy
+from hcpolicy.runtime import TransferRuntime
+
+from .decode import paged_decode, resolve_kernel
+from .executor import PagedExecutor
+from .graphs import DecodeGraph
+from .kv import PagedKV
+from .model import Transformer
+
+CAPABILITIES = Capabilities(actions={Select, Offload, Recall, Attend}, per_head_lengths=True, cuda_graphs=True)
+_ids = itertools.count(1)
+
+
+@attrs.frozen
+class EngineConfig:
+    """max_batch_size, max_seq_len (logical tokens per sequence: prompt + generated);
+    page_size: tokens per KV page; num_pages: pool size (None: full KV for
+    max_batch_size x max_seq_len); prefill_chunk: prompt tokens per forward;
+    cuda_graphs: capture the decode step on CUDA; decode_kernel: 'auto', 'triton', 'torch'."""
+
+    max_batch_size: int = attrs.field(default=1, validator=integer(1))
+    max_seq_len: int = attrs.field(default=4096, validator=integer(1))
+    page_size: int = attrs.field(default=64, validator=integer(1))
+    num_pages: int | None = None
+    prefill_chunk: int = attrs.field(default=8192, validator=integer(1))
+    cuda_graphs: bool = True
+    decode_kernel: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "triton", "torch")))
+    decode_config: DecodeConfig = attrs.field(factory=DecodeConfig)
+
+    def __attrs_post_init__(self) -> None:
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1 or None, got {self.num_pages}")
+
+
+@attrs.frozen
+class GenerateOutput:
+    """tokens: [B, T] generated ids; logits: [B, T, V] the logits each token was taken from."""
+
+    tokens: torch.Tensor
+    logits: torch.Tensor
+
+
+class Engine:
+    name = "torch_engine"
+
+    def __init__(self, model: Transformer, config: EngineConfig | None = None) -> None:
+        self.model = model.eval()
+        self.config = config = config or EngineConfig()
+        self.mc = model.config
+        self.spec = model.config.spec()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.kernel = resolve_kernel(config.decode_kernel, self.device)
+        self.graphs_enabled = config.cuda_graphs and self.device.type == "cuda"
+        pages_per_head = -(-config.max_seq_len // config.page_size)
+        num_pages = config.num_pages or config.max_batch_size * self.mc.num_layers * self.mc.num_kv_heads * pages_per_head
+        self.kv = PagedKV(
+            num_layers=self.mc.num_layers, batch_size=config.max_batch_size, num_kv_heads=self.mc.num_kv_heads,
+            head_dim=self.mc.head_dim, num_pages=num_pages, page_size=config.page_size,
+            max_pages_per_head=pages_per_head, device=self.device, dtype=self.dtype,
+        )  # fmt: skip
+        self.runtime = TransferRuntime(self.device, check_device_rows=False)  # recall rows are found, in range
+        self.executor = PagedExecutor(self.kv, self.runtime, next(_ids))
+        self.scale = 1.0 / math.sqrt(self.mc.head_dim)
+        b, h_q, d = config.max_batch_size, self.mc.num_heads, self.mc.head_dim
+        self._tokens = torch.zeros(b, 1, dtype=torch.int64, device=self.device)  # static decode inputs
+        self._rope_pos = torch.zeros(b, 1, dtype=torch.int64, device=self.device)
+        self._logical = torch.zeros(b, dtype=torch.int64, device=self.device)
+        self._record = torch.zeros(self.mc.num_layers, b, h_q, d, dtype=self.dtype, device=self.device)
+        self._graphs: dict[tuple, DecodeGraph] = {}
+        self.policy: Policy | None = None
+        self._needs = Requirements()
+        self.batch = 0
+        self.prompt_length = 0
+        self.step = 0
+        self.steps_left = 0
+        self._entries_bound = 0
+        self.starts: torch.Tensor | None = None
+        self._in_graph = False
+        self.graph_steps = 0
+        self.eager_steps = 0
+
+    # -- setup ---------------------------------------------------------------------------------
+    def check(self, policy: Policy | None) -> None:
+        """Raise ValueError if the engine cannot serve ``policy`` with its settings."""
+        if policy is None:
+            return
+        needs = policy.requirements()
+        reasons = unmet(CAPABILITIES, needs)
+        if reasons:
+            raise ValueError(f"torch_engine cannot serve {type(policy).__name__}: " + "; ".join(reasons))
+        if self.graphs_enabled and Attend in needs.actions:
+            raise ValueError(
+                f"{type(policy).__name__} emits Attend views, which must be applied inside the decode step: "
+                "CUDA graphs cannot run it; build the engine with EngineConfig(cuda_graphs=False)"
+            )
+
+    def _begin(self, lengths: list[int], policy: Policy | None, max_new_tokens: int) -> None:
+        self.check(policy)
+        if not lengths or min(lengths) < 1:
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        longest = max(lengths)
+        if longest + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {self.config.max_seq_len}"
+            )
+        self.release()
+        self.kv.start(len(lengths))
+        self.policy = policy
+        self._needs = policy.requirements() if policy is not None else Requirements()
+        self.batch, self.prompt_length = len(lengths), longest
+        self.step, self.steps_left = 0, max_new_tokens - 1
+        # fixed for the whole generation, so one captured graph serves every step
+        self._entries_bound = longest + max_new_tokens
+        self.executor.reserve = max_new_tokens
+        starts = [longest - n for n in lengths]
+        self.starts = torch.tensor(starts, device=self.device) if any(starts) else None
+        self._starts_host = starts
+        if policy is not None:
+            policy.reset(self.spec, self.batch)
+
+    def _allocate_layer(self, layer: int, lengths: list[int]) -> None:
+        """Pages for every head of ``layer``: its prompt plus the tokens still to come, as
+        one run of pages when the pool has one (heads then read as strided views)."""
+        kv = self.kv
+        per_head = kv.pages_for(max(lengths) + self.executor.reserve)
+        pages = kv.allocator.allocate(self.batch * kv.num_kv_heads * per_head).view(self.batch, kv.num_kv_heads, -1)
+        for b in range(self.batch):
+            for h in range(kv.num_kv_heads):
+                kv.set_pages(layer, b, h, pages[b, h])
+        kv.push_tables(layer)
+
+    def _finish_prefill(self, lengths: list[int]) -> None:
+        self.kv.push_tables()
+        b = self.batch
+        self._logical[:b] = self.prompt_length
+        self._rope_pos[:b, 0] = torch.tensor(lengths, device=self.device)
+
+    def release(self) -> None:
+        """Free every page and host copy of the current sequences."""
+        self.executor.reset()
+        self.kv.release()
+        self.policy = None
+
+    # -- prefill -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, prompts: Sequence[Sequence[int]] | torch.Tensor, policy: Policy | None = None, *,
+                max_new_tokens: int) -> torch.Tensor:  # fmt: skip
+        """Run the prompts (one list of ids each, lengths may differ) and let ``policy``
+        compress each layer. Returns the last prompt token's logits [B, V]."""
+        seqs = [torch.as_tensor(p, dtype=torch.int64).flatten().to(self.device) for p in prompts]
+        lengths = [int(s.numel()) for s in seqs]
+        self._begin(lengths, policy, max_new_tokens)
+        for layer in range(self.mc.num_layers):
+            self._allocate_layer(layer, lengths)
+        window = self._query_window()
+        record = [torch.zeros(self.batch, self.mc.num_heads, window, self.mc.head_dim, dtype=self.dtype,
+                              device=self.device) for _ in range(self.mc.num_layers)] if policy else None  # fmt: skip
+        logits = torch.stack([self._prefill_sequence(b, seq, record) for b, seq in enumerate(seqs)])
+        if policy is not None:
+            positions = torch.arange(self.prompt_length - window, self.prompt_length, device=self.device)
+            for layer in range(self.mc.num_layers):
+                self._compress(layer, record[layer], positions)
+        self._finish_prefill(lengths)
+        return logits
+
+    def _query_window(self) -> int:
+        window = self._needs.query_window
+        return self.prompt_length if window is None else min(window, self.prompt_length)
+
+    def _prefill_sequence(self, b: int, tokens: torch.Tensor, record: list[torch.Tensor] | None) -> torch.Tensor:
+        length, start = tokens.numel(), self._starts_host[b]
+        chunk = self.config.prefill_chunk
+        logits = None
+        for s in range(0, length, chunk):
+            e = min(length, s + chunk)
+            own = torch.arange(s, e, device=self.device)  # RoPE positions of this chunk
+
+            def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                # q: [1, H_q, Q, D]; k, v: [1, H_kv, Q, D]
+                self.kv.write(layer, b, s, k[0], v[0], own + start)
+                keys, values = self.kv.sequence_view(layer, b, e)  # [1, H_kv, e, D]
+                if record is not None:
+                    self._record_window(record[layer], b, q, s, e, length)
+                return self._prefill_attention(q, keys, values, s)
+
+            logits = self.model(tokens[None, s:e], own[None], attend, last_only=True)
+        return logits[0, -1]
+
+    def _prefill_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: int) -> torch.Tensor:
+        """Causal attention of a chunk's queries (positions first..) over entries 0..e. -> [1, Q, H_q * D]."""
+        b, h_q, q_len, d = q.shape
+        if first == 0 and not q.is_cuda:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            # CUDA's fused kernels (flash, memory-efficient) want H_q K/V heads, and a later
+            # chunk's causal mask aligned bottom-right (causal_lower_right, never materialised)
+            g = self.mc.group_size
+            keys, values = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)
+            mask = causal_lower_right(q_len, keys.shape[2])
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+        return out.transpose(1, 2).reshape(b, q_len, h_q * d)
+
+    def _record_window(self, record: torch.Tensor, b: int, q: torch.Tensor, s: int, e: int, length: int) -> None:
+        """Copy the chunk's queries that fall in the policy's window (right-aligned) into record [B, H_q, W, D]."""
+        window = record.shape[2]
+        lo = max(s, length - window)
+        if lo < e:
+            record[b, :, lo - (length - window) : e - (length - window)] = q[0, :, lo - s : e - s]
+
+    def _compress(self, layer: int, queries: torch.Tensor, positions: torch.Tensor) -> None:
+        obs = Observation(
+            phase=Phase.PREFILL, layer=layer, queries=queries, query_positions=positions,
+            cache=self.kv.prefill_view(layer, self._starts_host, self.starts), prompt_length=self.prompt_length,
+        )  # fmt: skip
+        self.executor.apply(list(self.policy.prefill(obs)))
+
+    @torch.no_grad()
+    def prefill_random(self, lengths: Sequence[int], policy: Policy | None = None, *, max_new_tokens: int,
+                       seed: int = 0) -> None:  # fmt: skip
+        """Fill the cache with random K/V as if prompts of ``lengths`` had been prefilled, and
+        let ``policy`` compress it with random queries, layer by layer (for benchmarks where
+        prefill time is not the point; peak memory stays near the compressed size)."""
+        lengths = [int(n) for n in lengths]
+        self._begin(lengths, policy, max_new_tokens)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        window = self._query_window()
+        positions = torch.arange(self.prompt_length - window, self.prompt_length, device=self.device)
+        h_kv, d = self.mc.num_kv_heads, self.mc.head_dim
+        for layer in range(self.mc.num_layers):
+            self._allocate_layer(layer, lengths)
+            for b, n in enumerate(lengths):
+                k = torch.randn(h_kv, n, d, generator=gen, device=self.device, dtype=self.dtype)
+                v = torch.randn(h_kv, n, d, generator=gen, device=self.device, dtype=self.dtype)
+                own = torch.arange(n, device=self.device) + self._starts_host[b]
+                self.kv.write(layer, b, 0, k, v, own)
+                del k, v
+            if policy is not None:
+                q = torch.randn(self.batch, self.mc.num_heads, window, d, generator=gen, device=self.device,
+                                dtype=self.dtype)  # fmt: skip
+                self._compress(layer, q, positions)
+        self._finish_prefill(lengths)
+
+    # -- decode --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per sequence (tokens [B] int64, on any device) -> logits [B, V]."""
+        if self.batch == 0:
+            raise RuntimeError("decode before prefill")
+        if self.steps_left < 1:
+            raise RuntimeError("max_new_tokens reached: the cache has no room reserved for another token")
+        b = self.batch
+        self._tokens[:b, 0].copy_(tokens.view(-1), non_blocking=True)
+        observe_after = self._needs.decode_observations and self.graphs_enabled
+        if self.graphs_enabled and not self.executor.pending:
+            graph = self._graph()
+            logits = graph.replay()
+            self.kv.advance()
+            self.graph_steps += 1
+        else:
+            logits = self._step_body()
+            self.eager_steps += 1
+        if observe_after:
+            self._observe_recorded()
+        self.step += 1
+        self.steps_left -= 1
+        return logits[:, 0]
+
+    def _graph(self) -> DecodeGraph:
+        bound = self._entries_bound  # no head holds more entries than this in this generation
+        key = (self.batch, bound, self._needs.decode_observations)
+        graph = self._graphs.get(key)
+        if graph is None:
+            self._graphs.clear()  # one graph per generation shape; older ones hold memory
+            graph = self._graphs[key] = DecodeGraph(self, bound)
+        return graph
+
+    def _step_body(self) -> torch.Tensor:
+        """The decode forward over the static inputs: [B, 1, V]. Captured as is in graphs."""
+        b = self.batch
+        logits = self.model(self._tokens[:b], self._rope_pos[:b], self._decode_attend)
+        self._rope_pos[:b] += 1
+        self._logical[:b] += 1
+        return logits
+
+    def _decode_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kv, exe, b = self.kv, self.executor, self.batch
+        kv.append(layer, k, v, self._logical[:b])
+        if self._in_graph:
+            bound = self._bound
+        else:
+            kv.advance(layer)
+            exe.wait(layer)  # a recall issued after the previous step
+            if self._needs.decode_observations and not self.graphs_enabled:
+                self._observe(layer, q)
+                exe.wait(layer)  # a recall the observation just issued
+            bound = int(kv.host_lengths[layer].max())
+        if self._needs.decode_observations and self.graphs_enabled:
+            self._record[layer, :b].copy_(q[:, :, 0])
+        q0 = q[:, :, 0]  # [B, H_q, D]
+        if layer in exe.attend_views:
+            rows, lengths, width = exe.row_table(layer)
+            out = paged_decode(q0, kv.kv, rows, lengths, 1, self.scale, max_length=width, kernel=self.kernel,
+                               config=self.config.decode_config)  # fmt: skip
+        else:
+            out = paged_decode(q0, kv.kv, kv.page_table[layer], kv.lengths[layer], kv.page_size, self.scale,
+                               max_length=bound, kernel=self.kernel, config=self.config.decode_config)  # fmt: skip
+        return out.view(b, 1, -1)
+
+    def _observation(self, layer: int, queries: torch.Tensor) -> Observation | None:
+        heads = self.policy.observed_heads(layer)
+        if heads is not None and len(heads) == 0:
+            return None
+        heads = None if heads is None else list(heads)
+        cache: LayerCache = self.kv.view(layer, heads, starts=self.starts)
+        position = torch.full((1,), self.prompt_length + self.step, dtype=torch.int64, device=self.device)
+        return Observation(
+            phase=Phase.DECODE, layer=layer, queries=queries, query_positions=position, cache=cache,
+            prompt_length=self.prompt_length, step=self.step, heads=heads,
+        )  # fmt: skip
+
+    def _observe(self, layer: int, q: torch.Tensor) -> None:
+        obs = self._observation(layer, q)
+        if obs is not None:
+            self.executor.apply(list(self.policy.decode(obs)))
+
+    def _observe_recorded(self) -> None:
+        """After a graph step: the policy reads each layer's recorded queries (a copy, since
+        the record is overwritten by the next step)."""
+        queries = self._record[:, : self.batch].clone().unsqueeze(3)  # [N, B, H_q, 1, D]
+        for layer in range(self.mc.num_layers):
+            self._observe(layer, queries[layer])
+
+    # -- generate ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int,
+                 policy: Policy | None = None) -> GenerateOutput:  # fmt: skip
+        """Greedy decoding: ``max_new_tokens`` tokens per prompt (no early stop at EOS)."""
+        logits = self.prefill(prompts, policy, max_new_tokens=max_new_tokens)
+        steps = [logits]
+        for _ in range(max_new_tokens - 1):
+            steps.append(self.decode(steps[-1].argmax(-1)))
+        logits = torch.stack(steps, dim=1)  # [B, T, V]
+        return GenerateOutput(tokens=logits.argmax(-1), logits=logits)
+
+    # -- accounting ----------------------------------------------------------------------------
+    def kv_bytes_device(self) -> int:
+        """Bytes of the KV pages the sequences hold now."""
+        return self.kv.used_bytes()
+
+    def kv_bytes_full(self) -> int:
+        """Bytes a full cache of the same sequences would hold (pages of prompt + reserve)."""
+        kv = self.kv
+        per_token = 2 * self.mc.head_dim * kv.kv.element_size()
+        tokens = sum(self.prompt_length - s for s in self._starts_host) if self.batch else 0
+        return tokens * per_token * self.mc.num_layers * self.mc.num_kv_heads
+
+    def kv_bytes_read(self) -> int:
+        """Bytes of K/V the next decode step reads (every kept entry, plus the new token)."""
+        per_token = 2 * self.mc.head_dim * self.kv.kv.element_size()
+        return (self.kv.kept_tokens() + self.kv.num_layers * self.batch * self.kv.num_kv_heads) * per_token
+
+    def host_bytes(self) -> int:
+        return self.runtime.host_bytes()

@@ -1,0 +1,289 @@
+"""PagedExecutor: the engine's cache takes a policy's actions (Select, Offload, Recall, Attend).
+
+Each action reads the host once (the new lengths size pages and copies, and the same read
+carries the validity flags), then moves rows on the device. Offload and Recall go through
+``hcpolicy.runtime.TransferRuntime``: satellites' full KV lives in its host store, keyed
+(cache, layer, sequence, head). On CUDA a recall runs on the runtime's copy stream; the
+layer's next attention waits for it (``wait``), the host never does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hcpolicy.actions import Action, ActionError, ActionExecutor, Attend, Offload, Recall, Select, Selection
+from hcpolicy.runtime import TransferRuntime
+
+from .kv import PagedKV
+
+_BIG = torch.iinfo(torch.int64).max
+
+
+class PagedExecutor(ActionExecutor):
+    """Executes actions on ``kv``. ``reserve``: entries each head keeps free for the tokens
+    still to be generated (set by the engine), so decode steps never allocate pages."""
+
+    def __init__(self, kv: PagedKV, runtime: TransferRuntime, cache_id: int) -> None:
+        self.kv = kv
+        self.runtime = runtime
+        self.cache_id = cache_id
+        self.reserve = 0
+        self.host_positions: dict[tuple[int, int, int], torch.Tensor] = {}  # (layer, b, h) -> [n] offloaded
+        self.resident: dict[tuple[int, int, int], int] = {}  # entries from the offloaded range on the device
+        self.attend_views: dict[int, dict[int, Selection]] = {}  # layer -> head -> [B, 1, K] (this step)
+        self.pending: dict[int, torch.cuda.Event] = {}  # layer -> recall to wait for before attending
+        self.recalls = 0  # Recall actions that moved bytes
+        self.recalled_rows = 0
+        self._side: torch.cuda.Stream | None = None
+
+    def reset(self) -> None:
+        for key in [k for k in self.host_positions]:
+            self.runtime.evict((self.cache_id, *key))
+        self.host_positions.clear()
+        self.resident.clear()
+        self.attend_views.clear()
+        self.pending.clear()
+        self.recalls = self.recalled_rows = 0
+
+    # -- checks --------------------------------------------------------------------------------
+    def check(self, action: Action) -> None:
+        if action.layer >= self.kv.num_layers:
+            raise ActionError(f"layer {action.layer} out of range ({self.kv.num_layers} layers)")
+        if max(action.heads) >= self.kv.num_kv_heads:
+            raise ActionError(f"head {max(action.heads)} out of range ({self.kv.num_kv_heads} KV heads)")
+        selection = getattr(action, "selection", None)
+        if selection is not None and selection.indices.shape[0] != self.kv.batch_size:
+            raise ActionError(f"selection has batch {selection.indices.shape[0]}, cache has {self.kv.batch_size}")
+
+    def _locate(self, layer: int, heads: list[int], selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries of the selected positions ([B, H', K]) and a flag [1]: True when a valid
+        position is not on the device or positions are not strictly ascending."""
+        kv = self.kv
+        width = max(1, int(kv.host_lengths[layer][:, heads].max()))
+        entries = torch.arange(width, device=kv.device)
+        lengths = kv.lengths[layer][:, heads].unsqueeze(-1)  # [B, H', 1]
+        rows = kv.rows(layer, torch.minimum(entries, (lengths - 1).clamp(min=0)).expand(*lengths.shape[:2], width), heads)
+        sortable = kv.positions[rows].masked_fill(entries >= lengths, _BIG)  # [B, H', W] ascending
+        want = selection.indices.to(kv.device).contiguous()
+        idx = torch.searchsorted(sortable, want).clamp(max=width - 1)
+        valid = selection.valid().to(kv.device)
+        bad = (sortable.gather(-1, idx) != want) & valid
+        return idx, (bad.any() | _not_ascending(want, valid)).view(1)
+
+    # -- Select --------------------------------------------------------------------------------
+    def select(self, action: Select) -> None:
+        kv, layer, heads = self.kv, action.layer, list(action.heads)
+        entries, bad = self._locate(layer, heads, action.selection)
+        lengths = action.selection.lengths.to(kv.device)
+        host = torch.cat([lengths.flatten(), bad.long()]).tolist()  # the one host read: sizes + validity
+        if host[-1]:
+            raise ActionError(f"layer {layer}: Select names positions that are not on the device (or not ascending)")
+        new_lengths = torch.tensor(host[:-1]).view(lengths.shape)  # [B, H'] host
+        kept_kv = kv.kv[kv.rows(layer, entries, heads)]  # [B, H', K, 2, D], gathered before pages are reused
+        kept_pos = action.selection.indices.to(kv.device)
+        self._repack(layer, heads, new_lengths, kept_kv, kept_pos, action.selection.valid().to(kv.device))
+        for b in range(kv.batch_size):
+            for i, h in enumerate(heads):
+                if (layer, b, h) in self.resident:
+                    self.resident[(layer, b, h)] = int(new_lengths[b, i])
+
+    def _repack(self, layer: int, heads: list[int], lengths: torch.Tensor, rows_kv: torch.Tensor,
+                rows_pos: torch.Tensor, valid: torch.Tensor) -> None:  # fmt: skip
+        """``heads`` now hold exactly the given entries (rows_kv [B, H', K, 2, D], rows_pos
+        [B, H', K], valid [B, H', K]; lengths [B, H'] host) in fresh pages."""
+        kv = self.kv
+        for b in range(kv.batch_size):  # free everything first: the new pages may reuse them
+            for h in heads:
+                kv.free_head(layer, b, h)
+        for b in range(kv.batch_size):
+            for i, h in enumerate(heads):
+                n = int(lengths[b, i])
+                kv.set_pages(layer, b, h, kv.allocator.allocate(kv.pages_for(n + self.reserve)))
+                kv.host_lengths[layer, b, h] = n
+        kv.push_tables(layer)
+        k = rows_pos.shape[-1]
+        entries = torch.arange(k, device=kv.device).expand_as(rows_pos)
+        dest = torch.where(valid, kv.rows(layer, entries, heads), kv.trash_row)  # padding -> trash page
+        kv.kv.index_copy_(0, dest.reshape(-1), rows_kv.reshape(-1, 2, kv.head_dim))
+        kv.positions.index_copy_(0, dest.reshape(-1), rows_pos.reshape(-1))
+
+    # -- Offload -------------------------------------------------------------------------------
+    def offload(self, action: Offload) -> None:
+        kv, layer = self.kv, action.layer
+        for b in range(kv.batch_size):
+            for h in action.heads:
+                n = int(kv.host_lengths[layer, b, h])
+                if n == 0:
+                    raise ActionError(f"layer {layer} head {h} seq {b}: nothing to offload")
+                src, pos = self._head_rows(layer, b, h, n)
+                key = (self.cache_id, layer, b, h)
+                if key in self.runtime:
+                    self.runtime.evict(key)
+                transfer = self.runtime.offload(key, src)  # [n, 2, D]
+                # the pages may be rewritten by the next action: the stream waits for the copy
+                self.runtime.wait(transfer)
+                self.host_positions[(layer, b, h)] = pos.clone()
+                self.resident[(layer, b, h)] = n
+
+    def _head_rows(self, layer: int, b: int, h: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries [0, n) of one head: kv [n, 2, D] (a slice of the pool when contiguous)
+        and positions [n]."""
+        kv = self.kv
+        run = kv.contiguous_run(layer, b, h, n)
+        if run is not None:
+            return kv.kv[run : run + n], kv.positions[run : run + n]
+        rows = kv.head_rows(layer, b, h, torch.arange(n, device=kv.device))  # [n]
+        return kv.kv[rows], kv.positions[rows]
+
+    # -- Recall --------------------------------------------------------------------------------
+    def recall(self, action: Recall) -> None:
+        """Heads' offloaded-range entries become ``selection`` (copied from the host store);
+        tokens generated after the offload stay. One host read per action; a sequence
+        whose set did not change moves no bytes."""
+        kv, layer, heads, sel = self.kv, action.layer, list(action.heads), action.selection
+        for b in range(kv.batch_size):
+            for h in heads:
+                if (layer, b, h) not in self.host_positions:
+                    raise ActionError(f"layer {layer} head {h}: Recall without an earlier Offload")
+        want = sel.indices.to(kv.device)  # [B, H', K]
+        valid = sel.valid().to(kv.device)
+        k = want.shape[-1]
+        host_rows, flags = [], []
+        for b in range(kv.batch_size):
+            for i, h in enumerate(heads):
+                offloaded = self.host_positions[(layer, b, h)]  # [N] ascending
+                rows = torch.searchsorted(offloaded, want[b, i].contiguous()).clamp(max=offloaded.shape[0] - 1)  # [K]
+                host_rows.append(rows)
+                flags.append(((offloaded[rows] != want[b, i]) & valid[b, i]).any())
+                flags.append(self._changed(layer, b, h, want[b, i], valid[b, i], k))
+        flags.append(_not_ascending(want, valid))
+        host = torch.cat([sel.lengths.to(kv.device).flatten(), torch.stack(flags).long()]).tolist()  # one read
+        n_heads = kv.batch_size * len(heads)
+        lengths, missing, changed = host[:n_heads], host[n_heads:-1:2], host[n_heads + 1 : -1 : 2]
+        if any(missing) or host[-1]:
+            raise ActionError(f"layer {layer}: Recall names positions that were never offloaded (or not ascending)")
+        requests, copies = [], []
+        for j, (b, (i, h)) in enumerate((b, ih) for b in range(kv.batch_size) for ih in enumerate(heads)):
+            if not changed[j]:
+                continue
+            n = lengths[j]
+            out, dest = self._make_room(layer, b, h, n)
+            if dest is None:
+                run = kv.contiguous_run(layer, b, h, n)
+                kv.positions[run : run + n] = want[b, i, :n]
+            else:
+                kv.positions.index_copy_(0, dest, want[b, i, :n])
+            requests.append(((self.cache_id, layer, b, h), host_rows[j][:n], out))
+            copies.append(dest)
+            self.recalled_rows += n
+        if not requests:
+            return
+        kv.push_tables(layer)
+        transfer = self.runtime.recall_many(requests)
+        self.recalls += 1
+        self._finish(layer, transfer, [(r[2], d) for r, d in zip(requests, copies) if d is not None])
+
+    def _changed(self, layer: int, b: int, h: int, want: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+        """Whether head (layer, b, h)'s offloaded-range entries differ from ``want`` [K]."""
+        kv = self.kv
+        resident = self.resident[(layer, b, h)]
+        width = max(k, resident, 1)
+        entries = torch.arange(width, device=kv.device)
+        rows = kv.head_rows(layer, b, h, entries.clamp(max=max(resident - 1, 0)))
+        now = kv.positions[rows].masked_fill(entries >= resident, -1)  # [W]
+        wanted = torch.nn.functional.pad(want.masked_fill(~valid, -1), (0, width - k), value=-1)
+        return (now != wanted).any()
+
+    def _make_room(self, layer: int, b: int, h: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Lay head (layer, b, h) out for ``n`` recalled entries followed by its generated
+        tail. Returns where the recall writes: a pool slice (and None) when entries [0, n)
+        are one run, else a scratch [n, 2, D] and the pool rows to copy it to."""
+        kv = self.kv
+        resident = self.resident[(layer, b, h)]
+        total = int(kv.host_lengths[layer, b, h])
+        tail = total - resident
+        if n != resident and tail:
+            old = kv.head_rows(layer, b, h, torch.arange(resident, total, device=kv.device))
+            tail_kv, tail_pos = kv.kv[old], kv.positions[old]  # copies: the rows may move onto themselves
+            kv.grow(layer, b, h, n + tail + self.reserve)
+            new = self._entry_rows(layer, b, h, n, n + tail)
+            kv.kv.index_copy_(0, new, tail_kv)
+            kv.positions.index_copy_(0, new, tail_pos)
+        else:
+            kv.grow(layer, b, h, n + tail + self.reserve)
+        kv.host_lengths[layer, b, h] = n + tail
+        self.resident[(layer, b, h)] = n
+        run = kv.contiguous_run(layer, b, h, n)
+        if run is not None:
+            return kv.kv[run : run + n], None
+        return torch.empty(n, 2, kv.head_dim, dtype=kv.dtype, device=kv.device), self._entry_rows(layer, b, h, 0, n)
+
+    def _entry_rows(self, layer: int, b: int, h: int, first: int, stop: int) -> torch.Tensor:
+        pages = self.kv.head_pages(layer, b, h).to(self.kv.device)
+        entries = torch.arange(first, stop, device=self.kv.device)
+        return pages[entries // self.kv.page_size] * self.kv.page_size + entries % self.kv.page_size
+
+    def _finish(self, layer: int, transfer: object, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Scatter scratch recalls into their pages; on CUDA on a side stream, recorded in
+        ``pending[layer]`` for the layer's next attention to wait on."""
+        kv = self.kv
+        if kv.device.type != "cuda":
+            for out, dest in copies:
+                kv.kv.index_copy_(0, dest, out)
+            return
+        if self._side is None:
+            self._side = torch.cuda.Stream(kv.device)
+        side = self._side
+        side.wait_stream(torch.cuda.current_stream(kv.device))
+        self.runtime.wait(transfer, side)
+        with torch.cuda.stream(side):
+            for out, dest in copies:
+                kv.kv.index_copy_(0, dest, out)
+                out.record_stream(side)
+                dest.record_stream(side)
+            event = torch.cuda.Event()
+            event.record(side)
+        self.pending[layer] = event
+
+    def wait(self, layer: int) -> None:
+        """Make the current stream wait for ``layer``'s recall (no host sync)."""
+        event = self.pending.pop(layer, None)
+        if event is not None:
+            torch.cuda.current_stream(self.kv.device).wait_event(event)
+
+    # -- Attend ----------------------------------------------------------------------------------
+    def attend_view(self, action: Attend) -> None:
+        _, bad = self._locate(action.layer, list(action.heads), action.selection)
+        empty = (action.selection.lengths == 0).any().to(bad.device)
+        flags = torch.cat([bad, empty.view(1)]).tolist()  # one read per Attend action
+        if flags[0]:
+            raise ActionError(f"layer {action.layer}: Attend names positions that are not on the device")
+        if flags[1]:
+            raise ActionError(f"layer {action.layer}: an Attend view must keep a token")
+        views = self.attend_views.setdefault(action.layer, {})
+        for i, h in enumerate(action.heads):
+            views[h] = action.selection.head(i)
+
+    def row_table(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This step's Attend views of ``layer`` as a row table (page size 1): rows [B, H, W],
+        lengths [B, H] and the host width W; heads without a view read all their entries.
+        Clears the views."""
+        kv = self.kv
+        views = self.attend_views.pop(layer)
+        width = max([int(kv.host_lengths[layer].max())] + [s.indices.shape[-1] for s in views.values()])
+        entries = torch.arange(width, device=kv.device).expand(kv.batch_size, kv.num_kv_heads, width).clone()
+        lengths = kv.lengths[layer].clone()
+        for h, sel in views.items():
+            found, _ = self._locate(layer, [h], sel)  # [B, 1, K]
+            entries[:, h, : found.shape[-1]] = found[:, 0]
+            lengths[:, h] = sel.lengths[:, 0].to(kv.device)
+        entries = torch.minimum(entries, (kv.lengths[layer] - 1).clamp(min=0).unsqueeze(-1))
+        return kv.rows(layer, entries), lengths, width
+
+
+def _not_ascending(want: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[] bool: some head's valid positions are not strictly ascending. want/valid [..., K]."""
+    if want.shape[-1] < 2:
+        return torch.zeros((), dtype=torch.bool, device=want.device)
+    step_ok = (want[..., 1:] > want[..., :-1]) | ~valid[..., 1:]
+    return ~step_ok.all()

@@ -1,0 +1,302 @@
+"""Reference engine acceptance bench on one GPU: Llama-3.1-8B shape, random bf16 weights.
+
+    PYTHONPATH=$PWD python3 -m hcpolicy.bench.engine_decode --output $OUT/engine_decode_h200.json
+
+Parts (``--parts``, comma list; default all; split them over several calls if needed):
+  a  HBM bandwidth (device-to-device copy, read + write)
+  b  full-KV engine decode at --full-context (128K) batch 1: ms/token, floor, ratio
+  c  HeteroCache C=0.5 at --long-context (224K) batch 1 (synthetic profile in the released
+     Llama-3.1-8B proportions) vs its floor and the full-KV engine at 224K
+  c_hf  HF transformers DynamicCache and StaticCache + torch.compile at 224K (few steps)
+  d  recall-step vs plain-step cost (medians) of c's run; prefill time with HeteroCache vs
+     full at --prefill-context (a real chunked prefill of random tokens)
+  e  capacity at 128K: concurrent sequences that fit with full KV vs HeteroCache C=0.3
+     (satellites on the host), and tokens/s of each from a measured batched decode
+
+Floors are (weight bytes + KV bytes read per step) / the bandwidth of part a (measured
+again when a is not selected). Each part prints progress and writes into the JSON as it
+finishes (a part that fails records its error and the others still run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from hcpolicy.backends.torch_engine import Engine, EngineConfig, ModelConfig, random_model
+from hcpolicy.backends.torch_engine.bench import bandwidth, hf_model, synthetic_profile
+from hcpolicy.policy.heterocache import HeteroCachePolicy
+
+PARTS = ("a", "b", "c", "c_hf", "d", "e")
+GB = 1e9
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def decode_times(engine: Engine, steps: int) -> list[dict[str, Any]]:
+    """Per decode step: ms (CUDA events), whether it ran eagerly and whether it issued recalls."""
+    tok = torch.zeros(engine.batch, dtype=torch.int64, device="cuda")
+    out = []
+    for _ in range(steps):
+        recalls, eager = engine.executor.recalls, engine.eager_steps
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        engine.decode(tok)
+        b.record()
+        torch.cuda.synchronize()
+        out.append({"ms": a.elapsed_time(b), "eager": engine.eager_steps > eager,
+                    "recalled": engine.executor.recalls > recalls})  # fmt: skip
+    return out
+
+
+def engine_cell(model: Any, context: int, batch: int, policy: Any, steps: int, warmup: int, bw: float,
+                num_pages: int | None = None) -> dict[str, Any]:  # fmt: skip
+    new = steps + warmup + 1
+    engine = Engine(model, EngineConfig(max_batch_size=batch, max_seq_len=context + new, num_pages=num_pages))
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    engine.prefill_random([context] * batch, policy, max_new_tokens=new)
+    torch.cuda.synchronize()
+    fill_s = time.perf_counter() - t0
+    kv_read = engine.kv_bytes_read()
+    every = decode_times(engine, warmup + steps)
+    timed = every[warmup:]
+    ms = [s["ms"] for s in timed]
+    floor = (model.weight_bytes() + kv_read) / bw * 1e3
+    plain = [s["ms"] for s in timed if not s["eager"] and not s["recalled"]]
+    row = {
+        "context": context, "batch": batch, "ms_per_token": statistics.median(ms), "ms_mean": statistics.mean(ms),
+        "ms_plain_median": statistics.median(plain) if plain else None, "steps": every, "floor_ms": floor,
+        "ratio_to_floor": statistics.median(ms) / floor, "kv_bytes_read": kv_read,
+        "kv_bytes_device": engine.kv_bytes_device(), "kv_bytes_full": engine.kv_bytes_full(),
+        "host_bytes": engine.host_bytes(), "recalls": engine.executor.recalls,
+        "recalled_rows": engine.executor.recalled_rows, "fill_s": fill_s,
+        "peak_gb": torch.cuda.max_memory_allocated() / GB, "pool_gb": engine.kv.pool_bytes() / GB,
+        "tokens_per_s": batch * 1e3 / statistics.mean(ms),
+    }  # fmt: skip
+    engine.release()
+    del engine
+    torch.cuda.empty_cache()
+    return row
+
+
+def hetero(spec: Any, compression: float) -> HeteroCachePolicy:
+    return HeteroCachePolicy(profile=synthetic_profile(spec), compression=compression)
+
+
+def part_c_hf(args: argparse.Namespace, config: ModelConfig, bw: float) -> dict[str, Any]:
+    """HF transformers at --long-context: DynamicCache eager, StaticCache + torch.compile."""
+    import transformers
+    from transformers import DynamicCache, StaticCache
+
+    from hcpolicy.backends.hf.compat import cache_kwarg
+
+    model = hf_model(config, "cuda", torch.bfloat16)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    length, spec = args.long_context, config.spec()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    shape = (1, spec.num_kv_heads, length, spec.head_dim)
+    out: dict[str, Any] = {"transformers": transformers.__version__}
+    kv_bytes = 2 * spec.num_layers * spec.num_kv_heads * length * spec.head_dim * 2
+    token = torch.tensor([[17]], device="cuda")
+    for name in ("dynamic", "static_compiled"):
+        try:
+            log(f"c_hf: {name} at {length}")
+            if name == "dynamic":
+                cache = DynamicCache()
+                for layer in range(spec.num_layers):
+                    cache.update(torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16),
+                                 torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16), layer)  # fmt: skip
+                forward = model
+            else:
+                cache = StaticCache(config=model.config, max_cache_len=length + args.hf_steps + 4)
+                for layer in range(spec.num_layers):
+                    cache.update(torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16),
+                                 torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16), layer,
+                                 {"cache_position": torch.arange(length, device="cuda")})  # fmt: skip
+                forward = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+            times = []
+            for i in range(args.hf_steps + 2):
+                pos = torch.tensor([[length + i]], device="cuda")
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                with torch.no_grad():
+                    forward(token, **{cache_kwarg(model): cache}, position_ids=pos, cache_position=pos[0])
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b))
+            out[name] = {"ms_all": times, "ms_per_token": statistics.median(times[2:]),
+                         "floor_ms": (weight_bytes + kv_bytes) / bw * 1e3}  # fmt: skip
+            log(f"c_hf: {name} {out[name]['ms_per_token']:.1f} ms/token")
+        except Exception as err:  # recorded: the engine parts must not be lost to an HF failure
+            out[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]}
+            log(f"c_hf: {name} failed: {err}")
+        cache = None
+        torch.cuda.empty_cache()
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def part_d_prefill(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Real chunked prefill of random tokens: full vs HeteroCache (compress + offload)."""
+    out = {}
+    length = args.prefill_context
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    for name, policy in (("full", None), ("heterocache", hetero(model.config.spec(), args.compression))):
+        engine = Engine(model, EngineConfig(max_seq_len=length + 8, prefill_chunk=args.prefill_chunk))
+        runs = []
+        for _ in range(2):  # the first run warms up kernels
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            engine.prefill(ids, policy, max_new_tokens=8)
+            torch.cuda.synchronize()
+            runs.append(time.perf_counter() - t0)
+        out[name] = {"seconds": runs[-1], "warmup_seconds": runs[0], "kv_bytes_device": engine.kv_bytes_device(),
+                     "host_bytes": engine.host_bytes()}  # fmt: skip
+        log(f"d: prefill {length} {name}: {runs[-1]:.2f} s")
+        engine.release()
+        del engine
+        torch.cuda.empty_cache()
+    out["heterocache_over_full"] = out["heterocache"]["seconds"] / out["full"]["seconds"]
+    return out
+
+
+def part_e(model: Any, args: argparse.Namespace, bw: float) -> dict[str, Any]:
+    """Sequences of --full-context that fit: device KV per sequence vs free memory; host
+    bytes per sequence vs --host-gb; then a batched decode at the fitting batch (capped)."""
+    config, length = model.config, args.full_context
+    per_token = 2 * config.head_dim * 2 * config.num_layers * config.num_kv_heads
+    free = torch.cuda.mem_get_info()[0] - args.headroom_gb * GB
+    spec = config.spec()
+    policy = hetero(spec, args.capacity_compression)
+    probe = Engine(model, EngineConfig(max_seq_len=16384 + 8))  # long enough that page rounding is noise
+    probe.prefill_random([16384], policy, max_new_tokens=8)
+    kept_fraction = probe.kv_bytes_device() / probe.kv_bytes_full()
+    host_fraction = probe.host_bytes() / probe.kv_bytes_full()
+    probe.release()
+    del probe
+    full_seq = length * per_token
+    hc_seq = full_seq * kept_fraction
+    out = {"free_gb": free / GB, "full_seq_gb": full_seq / GB, "heterocache_seq_gb": hc_seq / GB,
+           "heterocache_host_seq_gb": full_seq * host_fraction / GB, "host_gb": args.host_gb,
+           "fit_full": int(free // full_seq),
+           "fit_heterocache_device": int(free // hc_seq),
+           "fit_heterocache": int(min(free // hc_seq, args.host_gb * GB // max(1, full_seq * host_fraction)))}  # fmt: skip
+    log(f"e: fit at {length}: full {out['fit_full']}, heterocache {out['fit_heterocache']} "
+        f"(device-bound {out['fit_heterocache_device']}, host-bound by {args.host_gb} GB)")
+    for name, pol, fit in (("full", None, out["fit_full"]), ("heterocache", policy, out["fit_heterocache"])):
+        batch = max(1, min(fit, args.capacity_max_batch))
+        try:
+            pages = int(free // (64 * per_token / (config.num_layers * config.num_kv_heads))) if pol else None
+            row = engine_cell(model, length, batch, hetero(spec, args.capacity_compression) if pol else None,
+                              args.steps, args.warmup, bw, num_pages=pages)  # fmt: skip
+            row["steps"] = [s["ms"] for s in row["steps"]]
+            out[name] = row
+            log(f"e: {name} batch {batch}: {row['ms_per_token']:.1f} ms/step, {row['tokens_per_s']:.0f} tokens/s")
+        except Exception as err:
+            out[name] = {"batch": batch, "error": f"{type(err).__name__}: {err}"}
+            log(f"e: {name} batch {batch} failed: {err}")
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--full-context", type=int, default=131072)
+    parser.add_argument("--long-context", type=int, default=229376)  # 224K
+    parser.add_argument("--prefill-context", type=int, default=32768)
+    parser.add_argument("--prefill-chunk", type=int, default=8192)
+    parser.add_argument("--compression", type=float, default=0.5)
+    parser.add_argument("--capacity-compression", type=float, default=0.3)
+    parser.add_argument("--capacity-max-batch", type=int, default=8, help="largest batch actually decoded in e")
+    parser.add_argument("--host-gb", type=float, default=80.0, help="pinned host memory e may count on")
+    parser.add_argument("--headroom-gb", type=float, default=6.0)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=6)
+    parser.add_argument("--hf-steps", type=int, default=3)
+    args = parser.parse_args()
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        parser.error(f"unknown parts {unknown}; known: {PARTS}")
+    if not torch.cuda.is_available():
+        parser.error("this bench needs a CUDA device")
+    path = Path(args.output)
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                               "args": vars(args), "command": "python3 -m hcpolicy.bench.engine_decode " +
+                               f"--parts {args.parts} --output {path.name}"}  # fmt: skip
+
+    def save() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+
+    def run(name: str, fn: Callable[[], Any]) -> None:
+        log(f"part {name}")
+        try:
+            results[name] = fn()
+        except Exception as err:
+            results[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-3000:]}
+            log(f"part {name} failed: {err}")
+        save()
+
+    bw = bandwidth(torch.device("cuda"), 2 << 30)
+    results["a"] = {"hbm_bytes_per_s": bw}
+    log(f"a: HBM copy {bw / 1e12:.2f} TB/s")
+    save()
+    config = ModelConfig.preset("llama-3.1-8b", max_position=max(args.long_context, args.full_context) + 1024)
+    needs_engine = any(p in parts for p in ("b", "c", "d", "e"))
+    model = random_model(config, device="cuda", dtype=torch.bfloat16) if needs_engine else None
+    if model is not None:
+        results["weight_bytes"] = model.weight_bytes()
+        log(f"weights {model.weight_bytes() / GB:.1f} GB")
+    if "b" in parts:
+        run("b", lambda: engine_cell(model, args.full_context, 1, None, args.steps, args.warmup, bw))
+        log(f"b: full {args.full_context}: {results['b'].get('ms_per_token', float('nan')):.2f} ms/token, "
+            f"floor {results['b'].get('floor_ms', float('nan')):.2f}")
+    if "c" in parts or "d" in parts:
+        def part_c() -> dict[str, Any]:
+            hc = engine_cell(model, args.long_context, 1, hetero(config.spec(), args.compression), args.steps,
+                             args.warmup, bw)  # fmt: skip
+            log(f"c: heterocache {args.long_context}: {hc['ms_per_token']:.2f} ms/token (plain "
+                f"{hc['ms_plain_median']}), floor {hc['floor_ms']:.2f}, recalls {hc['recalls']}")
+            full = engine_cell(model, args.long_context, 1, None, args.steps, args.warmup, bw)
+            log(f"c: full {args.long_context}: {full['ms_per_token']:.2f} ms/token, floor {full['floor_ms']:.2f}")
+            return {"heterocache": hc, "full": full, "speedup_vs_full": full["ms_mean"] / hc["ms_mean"]}
+
+        run("c", part_c)
+    if "d" in parts and "heterocache" in results.get("c", {}):
+        steps = results["c"]["heterocache"]["steps"][args.warmup :]
+        groups = {"plain": [s["ms"] for s in steps if not s["eager"] and not s["recalled"]],
+                  "decision (scores, issues recalls)": [s["ms"] for s in steps if s["recalled"]],
+                  "after recall (eager, waits per layer)": [s["ms"] for s in steps if s["eager"]]}  # fmt: skip
+        results["d_steps"] = {k: {"median_ms": statistics.median(v) if v else None, "count": len(v)}
+                              for k, v in groups.items()}  # fmt: skip
+        log(f"d: step medians {json.dumps(results['d_steps'])}")
+        save()
+    if "d" in parts:
+        run("d", lambda: part_d_prefill(model, args))
+    if "e" in parts:
+        run("e", lambda: part_e(model, args, bw))
+    if "c_hf" in parts:
+        del model
+        model = None
+        torch.cuda.empty_cache()
+        run("c_hf", lambda: part_c_hf(args, config, bw))
+    save()
+    log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
