@@ -92,6 +92,7 @@ BACKENDS: Registry = Registry(
     "hcpolicy.backends",
     builtins={
         "hf": "hcpolicy.backends.hf:HFBackend",
+        "sglang": "hcpolicy.backends.sglang:SGLangBackend",
         "torch_engine": "hcpolicy.backends.torch_engine:TorchEngineBackend",
     },
 )

@@ -1,0 +1,74 @@
+"""The ``sglang.srt.plugins`` entry point: what SGLang's ``load_plugins()`` runs.
+
+``load_plugins()`` runs every function of that entry-point group once per process: in
+``sglang.launch_server`` / ``sglang serve`` before the command line is parsed, and again
+in the spawned scheduler process before its model runner is built. ``register`` adds:
+
+- attention backends ``hcpolicy_<inner>`` for SGLang's MHA backends (``triton``,
+  ``flashinfer``, ``fa3``, ``flex_attention``, ``torch_native``): each builds SGLang's own
+  ``<inner>`` backend and wraps it in ``PolicyAttnBackend``; the names join the
+  ``--attention-backend`` choices;
+- the radix-cache backend ``hcpolicy`` (``--radix-cache-backend hcpolicy``): SGLang's
+  default tree, made compression aware (``radix.py``).
+
+Nothing is patched and nothing changes for a server that selects neither. The policy
+comes from ``HCPOLICY_*`` environment variables (``config.py``), read when the
+attention backend is built, so a bad value stops the server with a clear error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+PREFIX = "hcpolicy_"
+RADIX_BACKEND = "hcpolicy"
+WRAPPED = ("triton", "flashinfer", "fa3", "flex_attention", "torch_native")
+
+
+def register() -> None:
+    """Register the attention wrappers and the radix cache with SGLang (idempotent)."""
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
+    from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
+
+    from .radix import radix_cache_factory
+
+    if get_radix_cache_factory(RADIX_BACKEND) is None:
+        register_radix_cache_backend(RADIX_BACKEND, radix_cache_factory)
+    for inner in WRAPPED:
+        if inner in ATTENTION_BACKENDS:
+            register_attention_backend(PREFIX + inner)(attention_factory(inner))
+    add_attention_backend_choices([n for n in attention_backend_names() if n not in ATTENTION_BACKEND_CHOICES])
+
+
+def attention_backend_names() -> list[str]:
+    """The ``--attention-backend`` names this plugin registers (after ``register``)."""
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    return [name for name in ATTENTION_BACKENDS if name.startswith(PREFIX)]
+
+
+def attention_factory(inner: str) -> Callable[[Any], Any]:
+    """``fn(model_runner) -> PolicyAttnBackend`` around SGLang's backend ``inner``."""
+
+    def build(runner: Any) -> Any:
+        from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+        from .attention import PolicyAttnBackend
+        from .config import PolicyConfig
+        from .store import PolicyStore, model_spec
+
+        config = PolicyConfig.from_env()
+        spec = model_spec(runner.model_config, runner.tp_size)
+        profile = config.load_profile()
+        if profile is not None:
+            profile.check(spec)
+        config.make_policy(profile)  # a policy that cannot be built stops the server here
+        store = PolicyStore(
+            spec=spec, policy_factory=lambda: config.make_policy(profile), req_to_token_pool=runner.req_to_token_pool,
+            pool=runner.token_to_kv_pool, allocator=runner.token_to_kv_pool_allocator,
+        )  # fmt: skip
+        return PolicyAttnBackend(ATTENTION_BACKENDS[inner](runner), store)
+
+    return build

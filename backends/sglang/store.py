@@ -1,0 +1,126 @@
+"""PolicyStore: the policy state of every running request, shared by the attention
+wrapper (which runs policies and executes their actions) and the radix cache (which must
+know which rows are compressed when it checkpoints and frees them).
+
+Requests are keyed by their ``req_to_token`` row and that row's generation
+(``ReqToTokenPool.req_generation``, bumped on every allocation), so a row reused by a
+new request never meets the state of the request before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+
+from hcpolicy.capabilities import Requirements
+from hcpolicy.policy.base import Policy
+from hcpolicy.runtime import TransferRuntime
+from hcpolicy.spec import ModelSpec
+
+from .request_kv import RequestKV
+
+
+@attrs.define(eq=False)
+class TrackedRequest:
+    """One request: its policy (one instance per request: policies keep per-generation
+    state) and the RequestKV executing that policy's actions."""
+
+    row: int
+    generation: int
+    policy: Policy
+    needs: Requirements
+    kv: RequestKV
+
+
+class PolicyStore:
+    """Tracked requests by row, plus what it takes to start one.
+
+    policy_factory: builds a fresh policy per request. pool / allocator / req_to_token_pool:
+    SGLang's KV pool, token allocator and request-to-token pool of this worker.
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: ModelSpec,
+        policy_factory: Callable[[], Policy],
+        req_to_token_pool: Any,
+        pool: Any,
+        allocator: Any,
+        runtime: TransferRuntime | None = None,
+    ) -> None:
+        if getattr(allocator, "page_size", 1) != 1:
+            raise ValueError(
+                f"hcpolicy evicts single tokens; SGLang's allocator has page_size={allocator.page_size} "
+                "(launch with --page-size 1)"
+            )
+        self.spec = spec
+        self.policy_factory = policy_factory
+        self.req_to_token_pool = req_to_token_pool
+        self.pool = pool
+        self.allocator = allocator
+        self.runtime = runtime or TransferRuntime(pool.device, check_device_rows=False)
+        self.tree_bound = False  # set by the hcpolicy radix cache when it attaches
+        self._requests: dict[int, TrackedRequest] = {}
+
+    def generation(self, row: int) -> int:
+        return int(self.req_to_token_pool.req_generation[row])
+
+    def get(self, row: int) -> TrackedRequest | None:
+        """The request holding ``row`` now (a stale entry of an earlier request is dropped)."""
+        tracked = self._requests.get(row)
+        if tracked is not None and tracked.generation != self.generation(row):
+            self.release(row)
+            return None
+        return tracked
+
+    def start(self, row: int, *, length: int, protected: int) -> TrackedRequest:
+        """Track the request in ``row`` whose prompt of ``length`` tokens was just computed;
+        [0, protected) came from the radix tree."""
+        if not self.tree_bound:
+            raise RuntimeError(
+                "hcpolicy's attention backend needs hcpolicy's radix cache (launch with "
+                "--radix-cache-backend hcpolicy): SGLang's own tree would cache compressed rows"
+            )
+        self.release(row)
+        policy = self.policy_factory()
+        policy.reset(self.spec, 1)
+        kv = RequestKV(
+            key=(row, self.generation(row)), spec=self.spec, row=self.req_to_token_pool.req_to_token[row],
+            length=length, protected=protected, pool=self.pool, allocator=self.allocator, runtime=self.runtime,
+        )  # fmt: skip
+        tracked = TrackedRequest(row, self.generation(row), policy, policy.requirements(), kv)
+        self._requests[row] = tracked
+        return tracked
+
+    def release(self, row: int) -> None:
+        """Forget ``row``'s request and drop its host copies (its slots are SGLang's to free)."""
+        tracked = self._requests.pop(row, None)
+        if tracked is not None:
+            tracked.kv.release()
+
+    def __iter__(self) -> Iterator[TrackedRequest]:
+        return iter(list(self._requests.values()))
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+
+def model_spec(model_config: Any, tp_size: int) -> ModelSpec:
+    """The attention geometry of an SGLang ``ModelConfig`` (tensor parallelism 1 only:
+    a head profile names global KV heads, and a TP rank holds a slice of them)."""
+    if tp_size != 1:
+        raise ValueError(f"hcpolicy's SGLang backend supports --tp-size 1 only, got {tp_size}")
+    hf = model_config.hf_config
+    architectures = getattr(hf, "architectures", None) or ["unknown"]
+    return ModelSpec(
+        architecture=architectures[0],
+        num_layers=model_config.num_hidden_layers,
+        num_query_heads=model_config.num_attention_heads,
+        num_kv_heads=model_config.get_num_kv_heads(1),
+        head_dim=model_config.head_dim,
+        max_position=model_config.context_len,
+    )
+

@@ -1,0 +1,200 @@
+"""Attention through the hcpolicy wrapper over SGLang's torch-native backend.
+
+Keep-everything must be SGLang's own output bit for bit; a compressing policy must give,
+for every (layer, KV head), dense attention over exactly the tokens that head kept: the
+oracle is ``hcpolicy.reference.ReferenceCache`` fed the same K/V and the same actions
+(float64 pools, so the tolerance is rounding only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+from sglang_helpers import (
+    SPEC,
+    Scheduler,
+    attention_layers,
+    decode_batch,
+    extend_batch,
+    make_pools,
+    make_tree,
+    policy_backend,
+    run_layers,
+    synthetic_profile,
+    torch_native,
+)
+
+from hcpolicy.actions import Action, Recall
+from hcpolicy.drift import WindowedOverlap
+from hcpolicy.observe import Observation, Phase
+from hcpolicy.policy.base import Policy
+from hcpolicy.policy.baselines import AdaSnapKV, FullKV, StreamingLLM
+from hcpolicy.policy.heterocache import HeteroCachePolicy
+from hcpolicy.reference import ReferenceCache
+
+LAYERS = attention_layers(SPEC)
+D, HQ, HKV = SPEC.head_dim, SPEC.num_query_heads, SPEC.num_kv_heads
+
+
+class Recording(Policy):
+    """Runs ``inner`` and logs its actions by (phase, step, layer)."""
+
+    def __init__(self, inner: Policy) -> None:
+        self.inner = inner
+        self.log: dict[tuple[Phase, int, int], list[Action]] = {}
+
+    def requirements(self):
+        return self.inner.requirements()
+
+    def reset(self, spec, batch_size):
+        self.inner.reset(spec, batch_size)
+
+    def observed_heads(self, layer):
+        return self.inner.observed_heads(layer)
+
+    def prefill(self, obs: Observation) -> Sequence[Action]:
+        return self._record(obs, self.inner.prefill(obs))
+
+    def decode(self, obs: Observation) -> Sequence[Action]:
+        return self._record(obs, self.inner.decode(obs))
+
+    def _record(self, obs: Observation, actions: Sequence[Action]) -> list[Action]:
+        self.log[(obs.phase, obs.step, obs.layer)] = list(actions)
+        return list(actions)
+
+
+class Session:
+    """Prefill then decode steps of a batch through ``backend``, with random q/k/v fed to
+    SGLang's ``RadixAttention`` layers; remembers what it fed."""
+
+    def __init__(self, backend, sched: Scheduler, seed: int) -> None:
+        self.backend, self.sched = backend, sched
+        self.gen = torch.Generator().manual_seed(seed)
+        self.outputs: list[torch.Tensor] = []  # per forward: [layers, T, H_q * D]
+        self.fed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def _qkv(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def randn(width: int) -> torch.Tensor:
+            return torch.randn(SPEC.num_layers, tokens, width, generator=self.gen, dtype=torch.float64)
+
+        qkv = (randn(HQ * D), randn(HKV * D), randn(HKV * D))
+        self.fed.append(qkv)
+        return qkv
+
+    def prefill(self, reqs) -> None:
+        loc = torch.cat([self.sched.row(r)[r.prefix_len :].long() for r in reqs])
+        self.outputs.append(run_layers(self.backend, LAYERS, extend_batch(reqs, loc), *self._qkv(len(loc))))
+
+    def decode(self, reqs, token: int) -> None:
+        loc = torch.cat([self.sched.decode_slot(r, token) for r in reqs])
+        self.outputs.append(run_layers(self.backend, LAYERS, decode_batch(reqs, loc), *self._qkv(len(reqs))))
+
+
+def serve(backend, tree, pools, prompts: list[list[int]], steps: int, *, first: list[int] | None = None):
+    """Optionally serve ``first`` to completion (so the tree holds it), then prefill
+    ``prompts`` as one batch and decode ``steps`` tokens. Returns (session, requests, prefix K/V)."""
+    sched = Scheduler(pools, tree)
+    session = Session(backend, sched, seed=7)
+    if first is not None:
+        done = sched.admit(first, write_kv=False)
+        session.prefill([done])
+        sched.finish(done)
+    reqs = [sched.admit(p, write_kv=False) for p in prompts]
+    prefix_kv = [_pool_kv(pools, sched.row(r)[: r.prefix_len].long()) for r in reqs]  # the tree's, before the forward
+    session.prefill(reqs)
+    for step in range(steps):
+        session.decode(reqs, token=1000 + step)
+    return session, reqs, prefix_kv
+
+
+def _pool_kv(pools, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(pools.kv.get_key_buffer(l)[slots].clone(), pools.kv.get_value_buffer(l)[slots].clone())
+            for l in range(SPEC.num_layers)]  # fmt: skip
+
+
+PROMPTS = [list(range(1, 25)) + list(range(200, 216)), list(range(300, 337))]  # 40 and 37 tokens
+FIRST = list(range(1, 25)) + [77, 78]  # shares 24 tokens with PROMPTS[0]
+
+
+def test_keep_everything_is_sglang_bit_for_bit():
+    plain_pools, aware_pools = make_pools(), make_pools()
+    plain_tree = make_tree(plain_pools, "unified-python", aware=False)
+    aware_tree = make_tree(aware_pools, "unified-python")
+    plain, _, _ = serve(torch_native(plain_pools), plain_tree, plain_pools, PROMPTS, steps=4, first=FIRST)
+    wrapped, reqs, _ = serve(policy_backend(aware_pools, FullKV, aware_tree), aware_tree, aware_pools, PROMPTS,
+                             steps=4, first=FIRST)  # fmt: skip
+    assert reqs[0].prefix_len == 24  # the batch really reused the cached prefix
+    for ours, theirs in zip(wrapped.outputs, plain.outputs, strict=True):
+        assert torch.equal(ours, theirs)
+    assert aware_pools.allocator.available_size() == plain_pools.allocator.available_size()
+
+
+def _reference_outputs(session: Session, reqs, prefix_kv, policies: list[Recording], steps: int) -> list[list]:
+    """ReferenceCache outputs per request per decode step per layer: [H_q, D] float64."""
+    q_pre, k_pre, v_pre = session.fed[-1 - steps]
+    starts = torch.tensor([0] + [r.kv.kv_committed_len - steps - r.prefix_len for r in reqs]).cumsum(0)
+    results = []
+    for b, (req, policy) in enumerate(zip(reqs, policies)):
+        new = slice(int(starts[b]), int(starts[b + 1]))
+        keys, values = [], []
+        for layer in range(SPEC.num_layers):
+            k_new = k_pre[layer, new].view(-1, HKV, D)
+            v_new = v_pre[layer, new].view(-1, HKV, D)
+            k_old, v_old = prefix_kv[b][layer]
+            keys.append(torch.cat([k_old, k_new]).transpose(0, 1)[None])  # [1, H_kv, L, D]
+            values.append(torch.cat([v_old, v_new]).transpose(0, 1)[None])
+        ref = ReferenceCache(keys, values)
+        for layer in range(SPEC.num_layers):
+            ref.apply(policy.log.get((Phase.PREFILL, 0, layer), []))
+        prompt = keys[0].shape[2]
+        per_step = []
+        for step in range(steps):
+            q, k, v = session.fed[len(session.fed) - steps + step]
+            outs = []
+            for layer in range(SPEC.num_layers):
+                ref.append(layer, k[layer, b].view(1, HKV, D), v[layer, b].view(1, HKV, D), prompt + step)
+                ref.apply(policy.log.get((Phase.DECODE, step, layer), []))
+                outs.append(ref.attend(layer, q[layer, b].view(1, HQ, D))[0])
+            per_step.append(outs)
+        results.append(per_step)
+    return results
+
+
+POLICIES = {
+    "streamingllm": lambda: StreamingLLM(compression=0.3, sinks=2),
+    "adasnapkv": lambda: AdaSnapKV(compression=0.3, window=4),
+    "heterocache": lambda: HeteroCachePolicy(
+        profile=synthetic_profile(SPEC), compression=0.7, trigger=WindowedOverlap(window=2, tau=0.95)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_compressed_attention_is_dense_attention_over_kept_tokens(name):
+    pools = make_pools()
+    tree = make_tree(pools, "unified-python")
+    policies: list[Recording] = []
+
+    def factory() -> Recording:
+        policies.append(Recording(POLICIES[name]()))
+        return policies[-1]
+
+    steps = 6
+    backend = policy_backend(pools, factory, tree)
+    session, reqs, prefix_kv = serve(backend, tree, pools, PROMPTS, steps=steps, first=FIRST)
+    policies = policies[1:]  # the first belongs to FIRST, served alone and released
+    reference = _reference_outputs(session, reqs, prefix_kv, policies, steps)
+    for step in range(steps):
+        ours = session.outputs[len(session.outputs) - steps + step]  # [layers, B, H_q * D]
+        for b in range(len(reqs)):
+            for layer in range(SPEC.num_layers):
+                torch.testing.assert_close(ours[layer, b].view(HQ, D), reference[b][step][layer], rtol=0, atol=1e-12)
+    states = [backend.store.get(r.kv.req_pool_idx).kv for r in reqs]
+    if name == "heterocache":
+        assert any(isinstance(a, Recall) for p in policies for acts in p.log.values() for a in acts)
+        assert all(s.freed_slots == 0 for s in states)  # a full pivot per layer keeps every token's slot
+    else:
+        assert all(s.freed_slots > 0 for s in states)
+        assert pools.allocator.available_size() > 512 - sum(r.kv.kv_committed_len for r in reqs) - len(FIRST)
