@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import attrs
 
+from hcpolicy._validate import integer
 from hcpolicy.actions import ACTION_TYPES
 
 
@@ -31,12 +32,18 @@ class Requirements:
 
     query_window: prompt queries the policy wants to observe at prefill (None = all of them).
     decode_observations: whether ``Policy.decode`` must be called every step.
+    decode_period: the policy acts only every ``decode_period`` decode steps (on the steps
+        ``s`` with ``(s + 1) % decode_period == 0``, counted from 0), so it may receive that
+        many steps of queries in one observation (``queries [B, H_q, N, D]``, ``step`` = the
+        step of the first of them). Backends may batch them (one call per period instead of
+        one per step); 1 = every step, one query each.
     """
 
     actions: frozenset[type] = attrs.field(converter=_action_types, factory=frozenset)
     per_head_lengths: bool = False
     query_window: int | None = 1
     decode_observations: bool = False
+    decode_period: int = attrs.field(default=1, validator=integer(1))
 
 
 def unmet(capabilities: Capabilities, requirements: Requirements) -> list[str]:

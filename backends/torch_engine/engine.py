@@ -10,19 +10,21 @@ Positions: prompts of a batch are left-aligned to the longest one in *logical* p
 (what actions speak in; a sequence of length L_b starts at L_max - L_b, as HF's left
 padding), but nothing is stored for the padding, and RoPE sees each sequence from 0.
 
-Decode observations: without CUDA graphs the policy sees each layer during the step (after
-the new token is stored, before attention), exactly as the HF backend runs it. With CUDA
-graphs the step is one captured graph: the queries are recorded inside it and the policy
-reads them after the step; its actions (a recall) take effect from the next step, whose
-layers wait for their own copies (that step runs eagerly). Policies that need Attend views
-(Quest) must see the step before attending: they need ``cuda_graphs=False``.
+Decode observations (``observer``): without CUDA graphs the policy sees each layer during
+the step (after the new token is stored, before attention), exactly as the HF backend runs
+it ('inline'). With CUDA graphs the step is one captured graph: the queries are recorded
+inside it and the policy reads them after the step ('deferred'); its actions (a recall)
+take effect from the next step (``recall``: the replay waits for the copies on the device,
+or the recall lands asynchronously). A policy that acts every N steps
+(``Requirements.decode_period``) is called once per N steps with N queries. Policies that
+need Attend views (Quest) must see the step before attending: they need 'inline'.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import torch
@@ -33,15 +35,18 @@ from hcpolicy._validate import integer
 from hcpolicy.actions import Attend, Offload, Recall, Select
 from hcpolicy.capabilities import Capabilities, Requirements, unmet
 from hcpolicy.kernels.ragged_decode import DecodeConfig
-from hcpolicy.observe import LayerCache, Observation, Phase
+from hcpolicy.observe import Observation, Phase
 from hcpolicy.policy.base import Policy
 from hcpolicy.runtime import TransferRuntime
 
 from .decode import paged_decode, resolve_kernel
 from .executor import PagedExecutor
+from .fused import resolve_ops
 from .graphs import DecodeGraph
 from .kv import PagedKV
 from .model import Transformer
+from .observer import MODES, DecodeObserver
+from .recall import LANDINGS
 
 CAPABILITIES = Capabilities(actions={Select, Offload, Recall, Attend}, per_head_lengths=True, cuda_graphs=True)
 _ids = itertools.count(1)
@@ -52,7 +57,18 @@ class EngineConfig:
     """max_batch_size, max_seq_len (logical tokens per sequence: prompt + generated);
     page_size: tokens per KV page; num_pages: pool size (None: full KV for
     max_batch_size x max_seq_len); prefill_chunk: prompt tokens per forward;
-    cuda_graphs: capture the decode step on CUDA; decode_kernel: 'auto', 'triton', 'torch'."""
+    cuda_graphs: capture the decode step on CUDA; decode_kernel: 'auto', 'triton', 'torch'.
+
+    fused_kernels: RMSNorm(+residual), RoPE, SiLU*up and the KV append as one Triton launch
+        each (``fused``). None (default): on CUDA with triton, torch ops elsewhere; True:
+        Triton or a ValueError; False: the torch ops (the reference).
+    observe: 'auto' ('deferred' under CUDA graphs, else 'inline'), 'inline' or 'deferred'
+        (see ``observer``; 'inline' cannot run under CUDA graphs).
+    batch_observations: call a policy with ``decode_period`` > 1 once per period with that
+        many queries (False: every step with one, as before).
+    recall_landing: 'next_step', 'eager_step' or 'async' (see ``recall``);
+        async_recall_pages: bound on the fresh pages of async recalls in flight (None: the
+        pool's free pages are the bound)."""
 
     max_batch_size: int = attrs.field(default=1, validator=integer(1))
     max_seq_len: int = attrs.field(default=4096, validator=integer(1))
@@ -62,10 +78,17 @@ class EngineConfig:
     cuda_graphs: bool = True
     decode_kernel: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "triton", "torch")))
     decode_config: DecodeConfig = attrs.field(factory=DecodeConfig)
+    fused_kernels: bool | None = attrs.field(default=None, validator=attrs.validators.in_((None, True, False)))
+    observe: str = attrs.field(default="auto", validator=attrs.validators.in_(MODES))
+    batch_observations: bool = True
+    recall_landing: str = attrs.field(default="next_step", validator=attrs.validators.in_(LANDINGS))
+    async_recall_pages: int | None = None
 
     def __attrs_post_init__(self) -> None:
-        if self.num_pages is not None and self.num_pages < 1:
-            raise ValueError(f"num_pages must be >= 1 or None, got {self.num_pages}")
+        for name in ("num_pages", "async_recall_pages"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
 
 
 @attrs.frozen
@@ -87,7 +110,12 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.kernel = resolve_kernel(config.decode_kernel, self.device)
+        self.ops = resolve_ops(config.fused_kernels, self.device, self.dtype)
         self.graphs_enabled = config.cuda_graphs and self.device.type == "cuda"
+        if config.observe == "inline" and self.graphs_enabled:
+            raise ValueError("observe='inline' runs the policy inside the decode step, which a CUDA graph cannot: "
+                             "use observe='deferred' or cuda_graphs=False")  # fmt: skip
+        self.deferred = config.observe == "deferred" or (config.observe == "auto" and self.graphs_enabled)
         pages_per_head = -(-config.max_seq_len // config.page_size)
         num_pages = config.num_pages or config.max_batch_size * self.mc.num_layers * self.mc.num_kv_heads * pages_per_head
         self.kv = PagedKV(
@@ -96,13 +124,16 @@ class Engine:
             max_pages_per_head=pages_per_head, device=self.device, dtype=self.dtype,
         )  # fmt: skip
         self.runtime = TransferRuntime(self.device, check_device_rows=False)  # recall rows are found, in range
-        self.executor = PagedExecutor(self.kv, self.runtime, next(_ids))
+        self.executor = PagedExecutor(self.kv, self.runtime, next(_ids), landing=config.recall_landing,
+                                      async_pages=config.async_recall_pages)  # fmt: skip
         self.scale = 1.0 / math.sqrt(self.mc.head_dim)
         b, h_q, d = config.max_batch_size, self.mc.num_heads, self.mc.head_dim
         self._tokens = torch.zeros(b, 1, dtype=torch.int64, device=self.device)  # static decode inputs
         self._rope_pos = torch.zeros(b, 1, dtype=torch.int64, device=self.device)
         self._logical = torch.zeros(b, dtype=torch.int64, device=self.device)
-        self._record = torch.zeros(self.mc.num_layers, b, h_q, d, dtype=self.dtype, device=self.device)
+        self.observer = DecodeObserver(self.mc.num_layers, b, h_q, d, self.device, self.dtype)
+        # benches only: (layer, first step, queries [B, H_q, N, D]) -> the queries the policy sees
+        self.query_hook: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None
         self._graphs: dict[tuple, DecodeGraph] = {}
         self.policy: Policy | None = None
         self._needs = Requirements()
@@ -125,10 +156,11 @@ class Engine:
         reasons = unmet(CAPABILITIES, needs)
         if reasons:
             raise ValueError(f"torch_engine cannot serve {type(policy).__name__}: " + "; ".join(reasons))
-        if self.graphs_enabled and Attend in needs.actions:
+        if self.deferred and Attend in needs.actions:
             raise ValueError(
                 f"{type(policy).__name__} emits Attend views, which must be applied inside the decode step: "
-                "CUDA graphs cannot run it; build the engine with EngineConfig(cuda_graphs=False)"
+                "deferred observations (CUDA graphs) cannot run it; build the engine with "
+                "EngineConfig(cuda_graphs=False) (observe='auto' or 'inline')"
             )
 
     def _begin(self, lengths: list[int], policy: Policy | None, max_new_tokens: int) -> None:
@@ -146,6 +178,7 @@ class Engine:
         self.kv.start(len(lengths))
         self.policy = policy
         self._needs = policy.requirements() if policy is not None else Requirements()
+        self.observer.start(self._needs, self.config.batch_observations)
         self.batch, self.prompt_length = len(lengths), longest
         self.step, self.steps_left = 0, max_new_tokens - 1
         # fixed for the whole generation, so one captured graph serves every step
@@ -222,7 +255,7 @@ class Engine:
                     self._record_window(record[layer], b, q, s, e, length)
                 return self._prefill_attention(q, keys, values, s)
 
-            logits = self.model(tokens[None, s:e], own[None], attend, last_only=True)
+            logits = self.model(tokens[None, s:e], own[None], attend, last_only=True, ops=self.ops)
         return logits[0, -1]
 
     def _prefill_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: int) -> torch.Tensor:
@@ -287,18 +320,19 @@ class Engine:
             raise RuntimeError("decode before prefill")
         if self.steps_left < 1:
             raise RuntimeError("max_new_tokens reached: the cache has no room reserved for another token")
-        b = self.batch
+        b, exe = self.batch, self.executor
         self._tokens[:b, 0].copy_(tokens.view(-1), non_blocking=True)
-        observe_after = self._needs.decode_observations and self.graphs_enabled
-        if self.graphs_enabled and not self.executor.pending:
+        exe.recaller.land_ready()  # async recalls whose copies finished switch to their new pages
+        if self.graphs_enabled and not (exe.pending and self.config.recall_landing == "eager_step"):
             graph = self._graph()
+            exe.recaller.wait_all()  # the replay starts after pending recalls, on the device
             logits = graph.replay()
             self.kv.advance()
             self.graph_steps += 1
         else:
             logits = self._step_body()
             self.eager_steps += 1
-        if observe_after:
+        if self.deferred and self.observer.due(self.step):
             self._observe_recorded()
         self.step += 1
         self.steps_left -= 1
@@ -306,35 +340,41 @@ class Engine:
 
     def _graph(self) -> DecodeGraph:
         bound = self._entries_bound  # no head holds more entries than this in this generation
-        key = (self.batch, bound, self._needs.decode_observations)
+        key = (self.batch, bound, self.observer.active, self.observer.period)
         graph = self._graphs.get(key)
         if graph is None:
             self._graphs.clear()  # one graph per generation shape; older ones hold memory
             graph = self._graphs[key] = DecodeGraph(self, bound)
         return graph
 
+    def graph_state(self) -> tuple[torch.Tensor, ...]:
+        """The device state one decode step advances (a graph's warm-up step restores it)."""
+        return self.kv._lengths, self._rope_pos, self._logical, self.observer.slot
+
     def _step_body(self) -> torch.Tensor:
         """The decode forward over the static inputs: [B, 1, V]. Captured as is in graphs."""
         b = self.batch
-        logits = self.model(self._tokens[:b], self._rope_pos[:b], self._decode_attend)
+        logits = self.model(self._tokens[:b], self._rope_pos[:b], self._decode_attend, ops=self.ops)
         self._rope_pos[:b] += 1
         self._logical[:b] += 1
+        if self.observer.active:
+            self.observer.advance()
         return logits
 
     def _decode_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kv, exe, b = self.kv, self.executor, self.batch
-        kv.append(layer, k, v, self._logical[:b])
+        kv.append(layer, k, v, self._logical[:b], fused=self.ops.fused)
+        if self.observer.active:
+            self.observer.record(layer, q)
         if self._in_graph:
             bound = self._bound
         else:
             kv.advance(layer)
             exe.wait(layer)  # a recall issued after the previous step
-            if self._needs.decode_observations and not self.graphs_enabled:
-                self._observe(layer, q)
+            if not self.deferred and self.observer.due(self.step):
+                self._observe(layer, self.observer.queries(b, layer), self.observer.first_step(self.step))
                 exe.wait(layer)  # a recall the observation just issued
             bound = int(kv.host_lengths[layer].max())
-        if self._needs.decode_observations and self.graphs_enabled:
-            self._record[layer, :b].copy_(q[:, :, 0])
         q0 = q[:, :, 0]  # [B, H_q, D]
         if layer in exe.attend_views:
             rows, lengths, width = exe.row_table(layer)
@@ -345,29 +385,29 @@ class Engine:
                                max_length=bound, kernel=self.kernel, config=self.config.decode_config)  # fmt: skip
         return out.view(b, 1, -1)
 
-    def _observation(self, layer: int, queries: torch.Tensor) -> Observation | None:
+    def _observe(self, layer: int, queries: torch.Tensor, first_step: int) -> None:
+        """The policy's decode call for ``layer``: queries [B, H_q, N, D] of steps first_step.."""
         heads = self.policy.observed_heads(layer)
         if heads is not None and len(heads) == 0:
-            return None
+            return
         heads = None if heads is None else list(heads)
-        cache: LayerCache = self.kv.view(layer, heads, starts=self.starts)
-        position = torch.full((1,), self.prompt_length + self.step, dtype=torch.int64, device=self.device)
-        return Observation(
-            phase=Phase.DECODE, layer=layer, queries=queries, query_positions=position, cache=cache,
-            prompt_length=self.prompt_length, step=self.step, heads=heads,
+        if self.query_hook is not None:
+            queries = self.query_hook(layer, first_step, queries)
+        n = queries.shape[2]
+        positions = self.prompt_length + first_step + torch.arange(n, dtype=torch.int64, device=self.device)
+        obs = Observation(
+            phase=Phase.DECODE, layer=layer, queries=queries, query_positions=positions,
+            cache=self.kv.view(layer, heads, starts=self.starts), prompt_length=self.prompt_length,
+            step=first_step, heads=heads,
         )  # fmt: skip
-
-    def _observe(self, layer: int, q: torch.Tensor) -> None:
-        obs = self._observation(layer, q)
-        if obs is not None:
-            self.executor.apply(list(self.policy.decode(obs)))
+        self.executor.apply(list(self.policy.decode(obs)))
 
     def _observe_recorded(self) -> None:
-        """After a graph step: the policy reads each layer's recorded queries (a copy, since
-        the record is overwritten by the next step)."""
-        queries = self._record[:, : self.batch].clone().unsqueeze(3)  # [N, B, H_q, 1, D]
+        """After a step that completes a period: the policy reads each layer's recorded queries."""
+        queries = self.observer.queries(self.batch)  # [N, B, H_q, period, D]
+        first = self.observer.first_step(self.step)
         for layer in range(self.mc.num_layers):
-            self._observe(layer, queries[layer])
+            self._observe(layer, queries[layer], first)
 
     # -- generate ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -3,8 +3,8 @@
 Each action reads the host once (the new lengths size pages and copies, and the same read
 carries the validity flags), then moves rows on the device. Offload and Recall go through
 ``hcpolicy.runtime.TransferRuntime``: satellites' full KV lives in its host store, keyed
-(cache, layer, sequence, head). On CUDA a recall runs on the runtime's copy stream; the
-layer's next attention waits for it (``wait``), the host never does.
+(cache, layer, sequence, head). Recalls are ``recall.Recaller``'s: incremental, on the
+runtime's copy stream, landing in place or in fresh pages; the host never waits for them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from hcpolicy.actions import Action, ActionError, ActionExecutor, Attend, Offloa
 from hcpolicy.runtime import TransferRuntime
 
 from .kv import PagedKV
+from .recall import Recaller, _not_ascending
 
 _BIG = torch.iinfo(torch.int64).max
 
@@ -23,7 +24,8 @@ class PagedExecutor(ActionExecutor):
     """Executes actions on ``kv``. ``reserve``: entries each head keeps free for the tokens
     still to be generated (set by the engine), so decode steps never allocate pages."""
 
-    def __init__(self, kv: PagedKV, runtime: TransferRuntime, cache_id: int) -> None:
+    def __init__(self, kv: PagedKV, runtime: TransferRuntime, cache_id: int, *, landing: str = "next_step",
+                 async_pages: int | None = None) -> None:  # fmt: skip
         self.kv = kv
         self.runtime = runtime
         self.cache_id = cache_id
@@ -31,19 +33,15 @@ class PagedExecutor(ActionExecutor):
         self.host_positions: dict[tuple[int, int, int], torch.Tensor] = {}  # (layer, b, h) -> [n] offloaded
         self.resident: dict[tuple[int, int, int], int] = {}  # entries from the offloaded range on the device
         self.attend_views: dict[int, dict[int, Selection]] = {}  # layer -> head -> [B, 1, K] (this step)
-        self.pending: dict[int, torch.cuda.Event] = {}  # layer -> recall to wait for before attending
-        self.recalls = 0  # Recall actions that moved bytes
-        self.recalled_rows = 0
-        self._side: torch.cuda.Stream | None = None
+        self.recaller = Recaller(self, landing, async_pages)
 
     def reset(self) -> None:
+        self.recaller.reset()
         for key in [k for k in self.host_positions]:
             self.runtime.evict((self.cache_id, *key))
         self.host_positions.clear()
         self.resident.clear()
         self.attend_views.clear()
-        self.pending.clear()
-        self.recalls = self.recalled_rows = 0
 
     # -- checks --------------------------------------------------------------------------------
     def check(self, action: Action) -> None:
@@ -54,6 +52,8 @@ class PagedExecutor(ActionExecutor):
         selection = getattr(action, "selection", None)
         if selection is not None and selection.indices.shape[0] != self.kv.batch_size:
             raise ActionError(f"selection has batch {selection.indices.shape[0]}, cache has {self.kv.batch_size}")
+        if not isinstance(action, Recall):
+            self.recaller.land_layer(action.layer)  # the action must see the layer as attention will
 
     def _locate(self, layer: int, heads: list[int], selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
         """Entries of the selected positions ([B, H', K]) and a flag [1]: True when a valid
@@ -137,119 +137,37 @@ class PagedExecutor(ActionExecutor):
 
     # -- Recall --------------------------------------------------------------------------------
     def recall(self, action: Recall) -> None:
-        """Heads' offloaded-range entries become ``selection`` (copied from the host store);
-        tokens generated after the offload stay. One host read per action; a sequence
-        whose set did not change moves no bytes."""
-        kv, layer, heads, sel = self.kv, action.layer, list(action.heads), action.selection
-        for b in range(kv.batch_size):
-            for h in heads:
-                if (layer, b, h) not in self.host_positions:
-                    raise ActionError(f"layer {layer} head {h}: Recall without an earlier Offload")
-        want = sel.indices.to(kv.device)  # [B, H', K]
-        valid = sel.valid().to(kv.device)
-        k = want.shape[-1]
-        host_rows, flags = [], []
-        for b in range(kv.batch_size):
-            for i, h in enumerate(heads):
-                offloaded = self.host_positions[(layer, b, h)]  # [N] ascending
-                rows = torch.searchsorted(offloaded, want[b, i].contiguous()).clamp(max=offloaded.shape[0] - 1)  # [K]
-                host_rows.append(rows)
-                flags.append(((offloaded[rows] != want[b, i]) & valid[b, i]).any())
-                flags.append(self._changed(layer, b, h, want[b, i], valid[b, i], k))
-        flags.append(_not_ascending(want, valid))
-        host = torch.cat([sel.lengths.to(kv.device).flatten(), torch.stack(flags).long()]).tolist()  # one read
-        n_heads = kv.batch_size * len(heads)
-        lengths, missing, changed = host[:n_heads], host[n_heads:-1:2], host[n_heads + 1 : -1 : 2]
-        if any(missing) or host[-1]:
-            raise ActionError(f"layer {layer}: Recall names positions that were never offloaded (or not ascending)")
-        requests, copies = [], []
-        for j, (b, (i, h)) in enumerate((b, ih) for b in range(kv.batch_size) for ih in enumerate(heads)):
-            if not changed[j]:
-                continue
-            n = lengths[j]
-            out, dest = self._make_room(layer, b, h, n)
-            if dest is None:
-                run = kv.contiguous_run(layer, b, h, n)
-                kv.positions[run : run + n] = want[b, i, :n]
-            else:
-                kv.positions.index_copy_(0, dest, want[b, i, :n])
-            requests.append(((self.cache_id, layer, b, h), host_rows[j][:n], out))
-            copies.append(dest)
-            self.recalled_rows += n
-        if not requests:
-            return
-        kv.push_tables(layer)
-        transfer = self.runtime.recall_many(requests)
-        self.recalls += 1
-        self._finish(layer, transfer, [(r[2], d) for r, d in zip(requests, copies) if d is not None])
-
-    def _changed(self, layer: int, b: int, h: int, want: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
-        """Whether head (layer, b, h)'s offloaded-range entries differ from ``want`` [K]."""
-        kv = self.kv
-        resident = self.resident[(layer, b, h)]
-        width = max(k, resident, 1)
-        entries = torch.arange(width, device=kv.device)
-        rows = kv.head_rows(layer, b, h, entries.clamp(max=max(resident - 1, 0)))
-        now = kv.positions[rows].masked_fill(entries >= resident, -1)  # [W]
-        wanted = torch.nn.functional.pad(want.masked_fill(~valid, -1), (0, width - k), value=-1)
-        return (now != wanted).any()
-
-    def _make_room(self, layer: int, b: int, h: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Lay head (layer, b, h) out for ``n`` recalled entries followed by its generated
-        tail. Returns where the recall writes: a pool slice (and None) when entries [0, n)
-        are one run, else a scratch [n, 2, D] and the pool rows to copy it to."""
-        kv = self.kv
-        resident = self.resident[(layer, b, h)]
-        total = int(kv.host_lengths[layer, b, h])
-        tail = total - resident
-        if n != resident and tail:
-            old = kv.head_rows(layer, b, h, torch.arange(resident, total, device=kv.device))
-            tail_kv, tail_pos = kv.kv[old], kv.positions[old]  # copies: the rows may move onto themselves
-            kv.grow(layer, b, h, n + tail + self.reserve)
-            new = self._entry_rows(layer, b, h, n, n + tail)
-            kv.kv.index_copy_(0, new, tail_kv)
-            kv.positions.index_copy_(0, new, tail_pos)
-        else:
-            kv.grow(layer, b, h, n + tail + self.reserve)
-        kv.host_lengths[layer, b, h] = n + tail
-        self.resident[(layer, b, h)] = n
-        run = kv.contiguous_run(layer, b, h, n)
-        if run is not None:
-            return kv.kv[run : run + n], None
-        return torch.empty(n, 2, kv.head_dim, dtype=kv.dtype, device=kv.device), self._entry_rows(layer, b, h, 0, n)
+        """See ``recall.Recaller``: incremental, landing as configured."""
+        self.recaller.recall(action)
 
     def _entry_rows(self, layer: int, b: int, h: int, first: int, stop: int) -> torch.Tensor:
         pages = self.kv.head_pages(layer, b, h).to(self.kv.device)
         entries = torch.arange(first, stop, device=self.kv.device)
         return pages[entries // self.kv.page_size] * self.kv.page_size + entries % self.kv.page_size
 
-    def _finish(self, layer: int, transfer: object, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Scatter scratch recalls into their pages; on CUDA on a side stream, recorded in
-        ``pending[layer]`` for the layer's next attention to wait on."""
-        kv = self.kv
-        if kv.device.type != "cuda":
-            for out, dest in copies:
-                kv.kv.index_copy_(0, dest, out)
-            return
-        if self._side is None:
-            self._side = torch.cuda.Stream(kv.device)
-        side = self._side
-        side.wait_stream(torch.cuda.current_stream(kv.device))
-        self.runtime.wait(transfer, side)
-        with torch.cuda.stream(side):
-            for out, dest in copies:
-                kv.kv.index_copy_(0, dest, out)
-                out.record_stream(side)
-                dest.record_stream(side)
-            event = torch.cuda.Event()
-            event.record(side)
-        self.pending[layer] = event
+    @property
+    def pending(self) -> dict:
+        """Layers with an in-place recall the next attention must wait for."""
+        return self.recaller.pending
+
+    @property
+    def recalls(self) -> int:
+        """Recall actions that moved rows."""
+        return self.recaller.recalls
+
+    @property
+    def recalled_rows(self) -> int:
+        """Rows copied from the host store."""
+        return self.recaller.recalled_rows
+
+    @property
+    def moved_rows(self) -> int:
+        """Recalled rows that were resident already and moved device-to-device."""
+        return self.recaller.moved_rows
 
     def wait(self, layer: int) -> None:
         """Make the current stream wait for ``layer``'s recall (no host sync)."""
-        event = self.pending.pop(layer, None)
-        if event is not None:
-            torch.cuda.current_stream(self.kv.device).wait_event(event)
+        self.recaller.wait(layer)
 
     # -- Attend ----------------------------------------------------------------------------------
     def attend_view(self, action: Attend) -> None:
@@ -280,10 +198,3 @@ class PagedExecutor(ActionExecutor):
         entries = torch.minimum(entries, (kv.lengths[layer] - 1).clamp(min=0).unsqueeze(-1))
         return kv.rows(layer, entries), lengths, width
 
-
-def _not_ascending(want: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[] bool: some head's valid positions are not strictly ascending. want/valid [..., K]."""
-    if want.shape[-1] < 2:
-        return torch.zeros((), dtype=torch.bool, device=want.device)
-    step_ok = (want[..., 1:] > want[..., :-1]) | ~valid[..., 1:]
-    return ~step_ok.all()

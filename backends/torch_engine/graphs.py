@@ -39,12 +39,10 @@ class DecodeGraph:
         self._restore(saved)
 
     def _save(self) -> tuple[torch.Tensor, ...]:
-        e = self.engine
-        return e.kv._lengths.clone(), e._rope_pos.clone(), e._logical.clone()
+        return tuple(t.clone() for t in self.engine.graph_state())
 
     def _restore(self, saved: tuple[torch.Tensor, ...]) -> None:
-        e = self.engine
-        for dst, src in zip((e.kv._lengths, e._rope_pos, e._logical), saved):
+        for dst, src in zip(self.engine.graph_state(), saved):
             dst.copy_(src)
 
     def replay(self) -> torch.Tensor:

@@ -250,10 +250,18 @@ class PagedKV:
         table = self.page_table[layer, b]  # [H, M]
         return table.gather(-1, entries // self.page_size) * self.page_size + entries % self.page_size
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, *,
+               fused: bool = False) -> None:  # fmt: skip
         """One new token per sequence for every head: k, v [B, H, 1, D]; positions [B] logical.
         Device-only (no host sync, fixed shapes): the decode step and CUDA graphs call it. The
-        host mirror is advanced by ``advance`` once per step."""
+        host mirror is advanced by ``advance`` once per step. ``fused``: one Triton launch
+        (CUDA) instead of the ~10 small torch ops below, which are its reference."""
+        if fused:
+            from ._fused_triton import append_kv
+
+            append_kv(self.kv, self.positions, self.page_table[layer], self.lengths[layer], k, v, positions,
+                      self.page_size)  # fmt: skip
+            return
         lengths = self.lengths[layer]  # [B, H]
         rows = self.rows(layer, lengths.unsqueeze(-1)).squeeze(-1)  # [B, H]
         new = torch.stack([k[:, :, 0], v[:, :, 0]], dim=2)  # [B, H, 2, D]

@@ -4,6 +4,11 @@ The model computes; it holds no cache. Each attention layer hands its post-RoPE 
 to an ``Attention`` callable (the engine's), which stores k/v and returns the output:
 prefill, decode, paged or dense is the caller's business. q/k/v and gate/up are fused
 into one matmul each (fewer launches per decode step); ``loading`` splits HF weights in.
+
+The small elementwise steps (RMSNorm with the residual add before it, RoPE, SiLU * up) go
+through an ``ops`` object (see ``fused``): torch ops by default, one Triton launch each
+when the engine passes ``TritonOps``. The residual stream is carried beside each block's
+output (as vLLM does) so that every norm takes the residual add in the same launch.
 """
 
 from __future__ import annotations
@@ -11,11 +16,11 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .rope import apply_rope, inverse_frequencies, rope_cos_sin
+from .fused import TORCH_OPS, TorchOps
+from .rope import inverse_frequencies
 
 
 class AttentionFn(Protocol):
@@ -25,16 +30,15 @@ class AttentionFn(Protocol):
 
 
 class RMSNorm(nn.Module):
+    """Holds the weight; ``ops.rms_norm`` / ``ops.add_rms_norm`` compute."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, ops: TorchOps = TORCH_OPS) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -46,14 +50,9 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, width, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.h_q * self.d, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
-        b, q_len, _ = x.shape
+    def forward(self, x: torch.Tensor, rope: object, attend: AttentionFn, ops: TorchOps) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [B, Q, (H_q + 2 H_kv) D]
-        q, k, v = qkv.split([self.h_q * self.d, self.h_kv * self.d, self.h_kv * self.d], dim=-1)
-        q = q.view(b, q_len, self.h_q, self.d).transpose(1, 2)  # [B, H_q, Q, D]
-        k = k.view(b, q_len, self.h_kv, self.d).transpose(1, 2)  # [B, H_kv, Q, D]
-        v = v.view(b, q_len, self.h_kv, self.d).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = ops.rope_qkv(qkv, rope, self.h_q, self.h_kv, self.d)  # [B, H_q, Q, D]; k, v [B, H_kv, Q, D]
         return self.o_proj(attend(self.index, q, k, v))  # [B, Q, hidden]
 
 
@@ -63,9 +62,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: TorchOps = TORCH_OPS) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))  # [B, Q, hidden]
 
 
 class Block(nn.Module):
@@ -76,9 +74,19 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: object, attend: AttentionFn,
+                ops: TorchOps) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The hidden state is x + residual (residual None: x alone, the embedding) ->
+        (the MLP's output, the residual stream it is to be added to)."""
+        norm = self.input_layernorm
+        if residual is None:
+            residual, h = x, ops.rms_norm(x, norm.weight, norm.eps)
+        else:
+            h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+        h = self.self_attn(h, rope, attend, ops)
+        norm = self.post_attention_layernorm
+        h, residual = ops.add_rms_norm(h, residual, norm.weight, norm.eps)
+        return self.mlp(h, ops), residual
 
 
 class Transformer(nn.Module):
@@ -97,15 +105,18 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, attend: AttentionFn, *, last_only: bool = False
-    ) -> torch.Tensor:
+        self, tokens: torch.Tensor, positions: torch.Tensor, attend: AttentionFn, *, last_only: bool = False,
+        ops: TorchOps = TORCH_OPS,
+    ) -> torch.Tensor:  # fmt: skip
         x = self.embed_tokens(tokens)  # [B, Q, hidden]
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [B, 1, Q, D]
+        rope = ops.rope_setup(self.inv_freq, positions, x.dtype)
+        residual = None
         for block in self.layers:
-            x = block(x, cos, sin, attend)
+            x, residual = block(x, residual, rope, attend, ops)
         if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))  # [B, Q', V]
+            x, residual = x[:, -1:], residual[:, -1:]
+        h, _ = ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
+        return self.lm_head(h)  # [B, Q', V]
 
     def weight_bytes(self) -> int:
         """Bytes of distinct parameters (a tied lm_head counted once)."""

@@ -8,10 +8,26 @@ Parts (``--parts``, comma list; default all; split them over several calls if ne
   c  HeteroCache C=0.5 at --long-context (224K) batch 1 (synthetic profile in the released
      Llama-3.1-8B proportions) vs its floor and the full-KV engine at 224K
   c_hf  HF transformers DynamicCache and StaticCache + torch.compile at 224K (few steps)
-  d  recall-step vs plain-step cost (medians) of c's run; prefill time with HeteroCache vs
-     full at --prefill-context (a real chunked prefill of random tokens)
+  d  per-step kinds of c's HeteroCache run (plain / decision / landing, below) with their
+     medians and recall bytes; prefill time with HeteroCache vs full at --prefill-context
+     (a real chunked prefill of random tokens)
   e  capacity at 128K: concurrent sequences that fit with full KV vs HeteroCache C=0.3
      (satellites on the host), and tokens/s of each from a measured batched decode
+
+Step kinds: 'decision' steps call the policy (every decode_period steps; it scores and may
+issue recalls, ``recalls`` / ``h2d_bytes`` / ``recalled_rows`` / ``moved_rows`` say what
+moved); 'landing' steps start with a recall pending (next_step: the replay waits for it;
+async: finished copies switch pages; eager_step: the step runs eagerly); the rest 'plain'.
+
+--drift: what the policy's monitor queries look like (attention itself always runs on the
+model's real queries, so the step's cost is the same; only HeteroCache's decisions change):
+  random     the model's own queries over random K/V (today's bench): nearly every window
+             fires and ~60% of a satellite's rows change per recall;
+  realistic  per layer, the first decode query q_0 is the model's; after it each step's
+             query is q_t = q_{t-1} + sigma * rms(q_{t-1}) * e_t, e_t ~ N(0, I) drawn per
+             (sequence, query head, dim) from a seeded generator (sigma = --drift-sigma,
+             0.05), i.e. a slow random walk: the first window fires (the prefill's random
+             reference is unrelated), later ones rarely, and recalls move few new rows.
 
 Floors are (weight bytes + KV bytes read per step) / the bandwidth of part a (measured
 again when a is not selected). Each part prints progress and writes into the JSON as it
@@ -21,6 +37,7 @@ finishes (a part that fails records its error and the others still run).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -42,26 +59,62 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+class RandomWalkQueries:
+    """``Engine.query_hook`` for --drift realistic (see the module docstring)."""
+
+    def __init__(self, sigma: float, seed: int = 0) -> None:
+        self.sigma = sigma
+        self.gen = torch.Generator(device="cuda").manual_seed(seed)
+        self.last: dict[int, torch.Tensor] = {}  # layer -> [B, H_q, D] float32
+
+    def __call__(self, layer: int, first_step: int, queries: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(queries.shape[2]):
+            prev = self.last.get(layer)
+            if prev is None:
+                q = queries[:, :, i].float()
+            else:
+                noise = torch.randn(prev.shape, generator=self.gen, device=prev.device)
+                q = prev + self.sigma * prev.pow(2).mean(-1, keepdim=True).sqrt() * noise
+            self.last[layer] = q
+            out.append(q.to(queries.dtype))
+        return torch.stack(out, dim=2)  # [B, H_q, N, D]
+
+
 def decode_times(engine: Engine, steps: int) -> list[dict[str, Any]]:
-    """Per decode step: ms (CUDA events), whether it ran eagerly and whether it issued recalls."""
+    """Per decode step: ms (CUDA events), its kind (plain / decision / landing), whether it
+    ran eagerly, and what its recalls moved (host bytes and rows, device-moved rows)."""
     tok = torch.zeros(engine.batch, dtype=torch.int64, device="cuda")
+    exe, rec = engine.executor, engine.executor.recaller
     out = []
     for _ in range(steps):
-        recalls, eager = engine.executor.recalls, engine.eager_steps
+        before = (exe.recalls, exe.recalled_rows, exe.moved_rows, rec.landed, engine.eager_steps,
+                  engine.runtime.counters().h2d_bytes)  # fmt: skip
+        decision = engine.observer.due(engine.step)
+        landing = bool(exe.pending) or bool(rec.inflight)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         engine.decode(tok)
         b.record()
         torch.cuda.synchronize()
-        out.append({"ms": a.elapsed_time(b), "eager": engine.eager_steps > eager,
-                    "recalled": engine.executor.recalls > recalls})  # fmt: skip
+        after = (exe.recalls, exe.recalled_rows, exe.moved_rows, rec.landed, engine.eager_steps,
+                 engine.runtime.counters().h2d_bytes)  # fmt: skip
+        d = [x - y for x, y in zip(after, before)]
+        kind = "decision" if decision else ("landing" if landing else "plain")
+        out.append({"ms": a.elapsed_time(b), "kind": kind, "eager": d[4] > 0, "recalls": d[0],
+                    "recalled": d[0] > 0, "recalled_rows": d[1], "moved_rows": d[2], "landed": d[3],
+                    "h2d_bytes": d[5]})  # fmt: skip
     return out
 
 
 def engine_cell(model: Any, context: int, batch: int, policy: Any, steps: int, warmup: int, bw: float,
-                num_pages: int | None = None) -> dict[str, Any]:  # fmt: skip
+                num_pages: int | None = None, args: argparse.Namespace | None = None) -> dict[str, Any]:  # fmt: skip
     new = steps + warmup + 1
-    engine = Engine(model, EngineConfig(max_batch_size=batch, max_seq_len=context + new, num_pages=num_pages))
+    options = {} if args is None else engine_options(args)
+    engine = Engine(model, EngineConfig(max_batch_size=batch, max_seq_len=context + new, num_pages=num_pages,
+                                        **options))  # fmt: skip
+    if args is not None and args.drift == "realistic" and policy is not None:
+        engine.query_hook = RandomWalkQueries(args.drift_sigma)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     engine.prefill_random([context] * batch, policy, max_new_tokens=new)
@@ -72,21 +125,30 @@ def engine_cell(model: Any, context: int, batch: int, policy: Any, steps: int, w
     timed = every[warmup:]
     ms = [s["ms"] for s in timed]
     floor = (model.weight_bytes() + kv_read) / bw * 1e3
-    plain = [s["ms"] for s in timed if not s["eager"] and not s["recalled"]]
+    plain = [s["ms"] for s in timed if s["kind"] == "plain"]
     row = {
         "context": context, "batch": batch, "ms_per_token": statistics.median(ms), "ms_mean": statistics.mean(ms),
         "ms_plain_median": statistics.median(plain) if plain else None, "steps": every, "floor_ms": floor,
         "ratio_to_floor": statistics.median(ms) / floor, "kv_bytes_read": kv_read,
         "kv_bytes_device": engine.kv_bytes_device(), "kv_bytes_full": engine.kv_bytes_full(),
         "host_bytes": engine.host_bytes(), "recalls": engine.executor.recalls,
-        "recalled_rows": engine.executor.recalled_rows, "fill_s": fill_s,
+        "recalled_rows": engine.executor.recalled_rows, "moved_rows": engine.executor.moved_rows,
+        "h2d_bytes": sum(s["h2d_bytes"] for s in every), "fused_kernels": engine.ops.fused,
+        "observe_period": engine.observer.period, "fill_s": fill_s,
         "peak_gb": torch.cuda.max_memory_allocated() / GB, "pool_gb": engine.kv.pool_bytes() / GB,
         "tokens_per_s": batch * 1e3 / statistics.mean(ms),
     }  # fmt: skip
     engine.release()
     del engine
+    gc.collect()  # the engine, its graphs and executor refer to each other: free the pool now
     torch.cuda.empty_cache()
     return row
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    fused = {"auto": None, "on": True, "off": False}[args.fused]
+    return {"fused_kernels": fused, "recall_landing": args.recall_landing,
+            "batch_observations": not args.per_step_observations}  # fmt: skip
 
 
 def hetero(spec: Any, compression: float) -> HeteroCachePolicy:
@@ -153,7 +215,8 @@ def part_d_prefill(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     length = args.prefill_context
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     for name, policy in (("full", None), ("heterocache", hetero(model.config.spec(), args.compression))):
-        engine = Engine(model, EngineConfig(max_seq_len=length + 8, prefill_chunk=args.prefill_chunk))
+        engine = Engine(model, EngineConfig(max_seq_len=length + 8, prefill_chunk=args.prefill_chunk,
+                                            **engine_options(args)))  # fmt: skip
         runs = []
         for _ in range(2):  # the first run warms up kernels
             torch.cuda.synchronize()
@@ -197,9 +260,14 @@ def part_e(model: Any, args: argparse.Namespace, bw: float) -> dict[str, Any]:
     for name, pol, fit in (("full", None, out["fit_full"]), ("heterocache", policy, out["fit_heterocache"])):
         batch = max(1, min(fit, args.capacity_max_batch))
         try:
-            pages = int(free // (64 * per_token / (config.num_layers * config.num_kv_heads))) if pol else None
+            # the pool holds what the batch keeps plus one layer at full length (the random fill
+            # compresses layer by layer), with a partial page per head; the rest stays free for
+            # the policy's scoring buffers
+            page_bytes = 64 * per_token / (config.num_layers * config.num_kv_heads)
+            need = batch * (hc_seq + full_seq / config.num_layers) * 1.05
+            pages = int(need // page_bytes) + batch * config.num_layers * config.num_kv_heads if pol else None
             row = engine_cell(model, length, batch, hetero(spec, args.capacity_compression) if pol else None,
-                              args.steps, args.warmup, bw, num_pages=pages)  # fmt: skip
+                              args.steps, args.warmup, bw, num_pages=pages, args=args)  # fmt: skip
             row["steps"] = [s["ms"] for s in row["steps"]]
             out[name] = row
             log(f"e: {name} batch {batch}: {row['ms_per_token']:.1f} ms/step, {row['tokens_per_s']:.0f} tokens/s")
@@ -226,6 +294,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--hf-steps", type=int, default=3)
+    parser.add_argument("--drift", choices=("random", "realistic"), default="random",
+                        help="monitor queries of c/d's HeteroCache run (see the module docstring)")
+    parser.add_argument("--drift-sigma", type=float, default=0.05)
+    parser.add_argument("--recall-landing", choices=("next_step", "eager_step", "async"), default="next_step")
+    parser.add_argument("--fused", choices=("auto", "on", "off"), default="auto", help="fused elementwise kernels")
+    parser.add_argument("--per-step-observations", action="store_true",
+                        help="call the policy every step (not once per decode_period)")
     args = parser.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
@@ -236,7 +311,8 @@ def main() -> None:
     path = Path(args.output)
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                "args": vars(args), "command": "python3 -m hcpolicy.bench.engine_decode " +
-                               f"--parts {args.parts} --output {path.name}"}  # fmt: skip
+                               f"--parts {args.parts} --drift {args.drift} --recall-landing {args.recall_landing} "
+                               f"--fused {args.fused} --output {path.name}"}  # fmt: skip
 
     def save() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -262,27 +338,36 @@ def main() -> None:
         results["weight_bytes"] = model.weight_bytes()
         log(f"weights {model.weight_bytes() / GB:.1f} GB")
     if "b" in parts:
-        run("b", lambda: engine_cell(model, args.full_context, 1, None, args.steps, args.warmup, bw))
+        run("b", lambda: engine_cell(model, args.full_context, 1, None, args.steps, args.warmup, bw, args=args))
         log(f"b: full {args.full_context}: {results['b'].get('ms_per_token', float('nan')):.2f} ms/token, "
             f"floor {results['b'].get('floor_ms', float('nan')):.2f}")
     if "c" in parts or "d" in parts:
         def part_c() -> dict[str, Any]:
             hc = engine_cell(model, args.long_context, 1, hetero(config.spec(), args.compression), args.steps,
-                             args.warmup, bw)  # fmt: skip
+                             args.warmup, bw, args=args)  # fmt: skip
             log(f"c: heterocache {args.long_context}: {hc['ms_per_token']:.2f} ms/token (plain "
                 f"{hc['ms_plain_median']}), floor {hc['floor_ms']:.2f}, recalls {hc['recalls']}")
-            full = engine_cell(model, args.long_context, 1, None, args.steps, args.warmup, bw)
+            full = engine_cell(model, args.long_context, 1, None, args.steps, args.warmup, bw, args=args)
             log(f"c: full {args.long_context}: {full['ms_per_token']:.2f} ms/token, floor {full['floor_ms']:.2f}")
             return {"heterocache": hc, "full": full, "speedup_vs_full": full["ms_mean"] / hc["ms_mean"]}
 
         run("c", part_c)
     if "d" in parts and "heterocache" in results.get("c", {}):
         steps = results["c"]["heterocache"]["steps"][args.warmup :]
-        groups = {"plain": [s["ms"] for s in steps if not s["eager"] and not s["recalled"]],
-                  "decision (scores, issues recalls)": [s["ms"] for s in steps if s["recalled"]],
-                  "after recall (eager, waits per layer)": [s["ms"] for s in steps if s["eager"]]}  # fmt: skip
-        results["d_steps"] = {k: {"median_ms": statistics.median(v) if v else None, "count": len(v)}
-                              for k, v in groups.items()}  # fmt: skip
+        results["d_steps"] = {"drift": args.drift, "recall_landing": args.recall_landing}
+        for kind in ("plain", "decision", "landing"):
+            group = [s for s in steps if s["kind"] == kind]
+            ms = [s["ms"] for s in group]
+            results["d_steps"][kind] = {
+                "median_ms": statistics.median(ms) if ms else None, "count": len(group),
+                "with_recalls": sum(s["recalls"] > 0 for s in group),
+                "h2d_bytes_median": statistics.median([s["h2d_bytes"] for s in group]) if group else None,
+                "recalled_rows": sum(s["recalled_rows"] for s in group), "moved_rows": sum(s["moved_rows"] for s in group),
+            }  # fmt: skip
+        plain = results["d_steps"]["plain"]["median_ms"]
+        for kind in ("decision", "landing"):
+            ms = results["d_steps"][kind]["median_ms"]
+            results["d_steps"][kind]["over_plain"] = ms / plain if ms and plain else None
         log(f"d: step medians {json.dumps(results['d_steps'])}")
         save()
     if "d" in parts:

@@ -62,9 +62,14 @@ class HeteroCachePolicy(Policy):
         return cls(profile=HeadProfile.load(path), **options)
 
     def requirements(self) -> Requirements:
+        """The trigger decides every ``period`` steps (``decode`` buffers until then, so
+        batched observations of ``period`` queries act the same); without a period the
+        policy never acts while decoding and needs no decode observations."""
+        period = self.trigger.period
         return Requirements(
-            actions={Select, Offload, Recall}, per_head_lengths=True, query_window=1, decode_observations=True
-        )
+            actions={Select, Offload, Recall}, per_head_lengths=True, query_window=1,
+            decode_observations=period is not None, decode_period=period or 1,
+        )  # fmt: skip
 
     def reset(self, spec: ModelSpec, batch_size: int) -> None:
         self.profile.check(spec)

@@ -32,11 +32,12 @@ def test_triton_paged_decode_matches_float64(dtype, group, dim, lengths, page):
     torch.testing.assert_close(out.double().cpu(), ref, rtol=0, atol=tol)
 
 
-def small_engine(cuda_graphs: bool, batch: int = 2) -> Engine:
+def small_engine(cuda_graphs: bool, batch: int = 2, **options) -> Engine:
     config = ModelConfig(family="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=4,
                          num_heads=8, num_kv_heads=4, head_dim=32, max_position=4096)  # fmt: skip
     model = random_model(config, device="cuda", dtype=torch.bfloat16, seed=0)
-    return Engine(model, EngineConfig(max_batch_size=batch, max_seq_len=2048, page_size=16, cuda_graphs=cuda_graphs))
+    return Engine(model, EngineConfig(max_batch_size=batch, max_seq_len=2048, page_size=16, cuda_graphs=cuda_graphs,
+                                      **options))  # fmt: skip
 
 
 @pytest.mark.parametrize("policy", ["none", "heterocache_never"])
@@ -55,18 +56,124 @@ def test_cuda_graph_decode_equals_eager(policy):
     torch.testing.assert_close(outs[0].logits.float(), outs[1].logits.float(), rtol=0, atol=1e-2)
 
 
-def test_heterocache_recalls_under_graphs():
-    engine = small_engine(True, batch=1)
+def run_recalls(landing: str, steps: int = 15, **options) -> tuple[Engine, torch.Tensor]:
+    engine = small_engine(True, batch=1, recall_landing=landing, **options)
     policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6, trigger=EveryN(n=3))
-    engine.prefill_random([1500], policy, max_new_tokens=16)
-    tok = torch.tensor([3], device="cuda")
-    for _ in range(15):
-        tok = engine.decode(tok).argmax(-1)
+    engine.prefill_random([1500], policy, max_new_tokens=steps + 1)
+    tok, logits = torch.tensor([3], device="cuda"), []
+    for _ in range(steps):
+        logits.append(engine.decode(tok))
+        tok = logits[-1].argmax(-1)
+    engine.executor.recaller.land_ready()
     torch.cuda.synchronize()
-    assert engine.executor.recalls >= 4 and engine.graph_steps > 0 and engine.eager_steps > 0
+    engine.executor.recaller.land_ready()
+    return engine, torch.stack(logits)
+
+
+def assert_satellites_match_host(engine: Engine) -> None:
+    for layer in range(engine.mc.num_layers):
+        for h in (1, 2):
+            host = engine.runtime._store.get((engine.executor.cache_id, layer, 0, h)).typed()
+            keys, values, positions = engine.kv.entries_view(layer, [h])
+            n = engine.executor.resident[(layer, 0, h)]
+            pos = positions[0, 0, :n].cpu()
+            assert torch.equal(keys[0, 0, :n].cpu(), host[pos, 0]) and torch.equal(values[0, 0, :n].cpu(), host[pos, 1])
+
+
+@pytest.mark.parametrize("landing", ["eager_step", "next_step", "async"])
+def test_heterocache_recalls_under_graphs(landing):
+    engine, logits = run_recalls(landing)
+    assert engine.executor.recalls >= 4 and engine.graph_steps > 0
+    assert (engine.eager_steps > 0) == (landing == "eager_step")  # next_step / async: every step replays
+    assert not engine.executor.recaller.inflight
     assert torch.equal(engine.kv.lengths.cpu(), engine.kv.host_lengths)
-    layer, h = 1, 1
-    host = engine.runtime._store.get((engine.executor.cache_id, layer, 0, h)).typed()
-    keys, _, positions = engine.kv.entries_view(layer, [h])
-    n = engine.executor.resident[(layer, 0, h)]
-    assert torch.equal(keys[0, 0, :n].cpu(), host[positions[0, 0, :n].cpu(), 0])
+    assert_satellites_match_host(engine)
+    free = engine.kv.allocator.num_pages
+    engine.release()
+    assert engine.kv.allocator.free_pages == free
+
+
+def test_next_step_replay_equals_eager_step():
+    _, eager = run_recalls("eager_step")
+    _, replay = run_recalls("next_step")
+    assert torch.equal(eager.argmax(-1), replay.argmax(-1))
+    torch.testing.assert_close(eager.float(), replay.float(), rtol=0, atol=1e-2)
+
+
+def test_batched_observations_under_graphs_change_nothing():
+    outs = []
+    for batched in (False, True):
+        engine, logits = run_recalls("next_step", batch_observations=batched)
+        outs.append((logits, engine.executor.recalls, engine.executor.recalled_rows))
+    assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1:] == outs[1][1:]
+
+
+def test_inline_observation_under_graphs_is_refused():
+    with pytest.raises(ValueError, match="inline"):
+        small_engine(True, observe="inline")
+
+
+# -- fused kernels --------------------------------------------------------------------------------
+# bf16: each kernel rounds where torch rounds, so results differ by reduction order and libm
+# ulps only: within 2 bf16 ulps of the value (rtol 1.6e-2) plus 1e-2 absolute near zero.
+FUSED_TOL = {torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_ops_match_torch_reference(dtype):
+    from hcpolicy.backends.torch_engine.fused import TORCH_OPS, TritonOps
+
+    ops, tol = TritonOps(), FUSED_TOL[dtype]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
+
+    x, r, w = randn(3, 5, 4096), randn(3, 5, 4096), randn(4096)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), TORCH_OPS.rms_norm(x, w, 1e-5), **tol)
+    (y, total), (y_ref, total_ref) = ops.add_rms_norm(x, r, w, 1e-5), TORCH_OPS.add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(total, total_ref)  # one rounding of the same sum
+    torch.testing.assert_close(y, y_ref, **tol)
+    config = ModelConfig.preset("llama-3.1-8b")
+    from hcpolicy.backends.torch_engine.rope import inverse_frequencies
+
+    inv = inverse_frequencies(config).cuda()
+    qkv = randn(2, 3, (32 + 2 * 8) * 128)
+    positions = torch.tensor([[0, 1, 2], [229370, 229371, 229372]], device="cuda")
+    got = ops.rope_qkv(qkv, ops.rope_setup(inv, positions, dtype), 32, 8, 128)
+    ref = TORCH_OPS.rope_qkv(qkv, TORCH_OPS.rope_setup(inv, positions, dtype), 32, 8, 128)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, **tol)
+    gate_up = randn(3, 1, 2 * 14336)
+    torch.testing.assert_close(ops.silu_mul(gate_up), TORCH_OPS.silu_mul(gate_up), **tol)
+
+
+def test_fused_append_equals_torch_append():
+    engines = [small_engine(False, fused_kernels=f) for f in (False, True)]
+    for e in engines:
+        e.prefill_random([300, 77], None, max_new_tokens=4)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    k = torch.randn(2, 4, 1, 32, generator=gen, device="cuda").to(torch.bfloat16)
+    v = torch.randn(2, 4, 1, 32, generator=gen, device="cuda").to(torch.bfloat16)
+    for e in engines:
+        e.kv.append(1, k, v, torch.tensor([300, 300], device="cuda"), fused=e.ops.fused)
+    a, b = (e.kv for e in engines)
+    assert torch.equal(a.kv, b.kv) and torch.equal(a.positions, b.positions) and torch.equal(a.lengths, b.lengths)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_fused_step_matches_unfused(graphs):
+    """Same inputs through the fused and the torch ops (teacher-forced tokens, so a single
+    flipped argmax cannot make the runs diverge): logits within 2% of their scale."""
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, 512, (1, 600), generator=gen)
+    forced = torch.randint(0, 512, (12,), generator=gen)
+    runs = []
+    for fused in (False, True):
+        engine = small_engine(graphs, batch=1, fused_kernels=fused)
+        assert engine.ops.fused == fused
+        out = [engine.prefill(prompt, None, max_new_tokens=13)]
+        out += [engine.decode(t.view(1).cuda()) for t in forced]
+        runs.append(torch.stack(out).float())
+    scale = runs[0].abs().max()
+    assert float((runs[0] - runs[1]).abs().max()) < 2e-2 * float(scale)

@@ -1,0 +1,180 @@
+"""Periodic (batched) decode observations, deferred observation, recall landing modes and
+incremental recall, on CPU (the same code paths the CUDA-graph step uses, minus streams)."""
+
+import pytest
+import torch
+
+from engine_helpers import save, synthetic_profile, tiny_hf_model
+from hcpolicy.actions import Select, Selection
+from hcpolicy.backends.torch_engine import Engine, EngineConfig, load_checkpoint
+from hcpolicy.capabilities import Requirements
+from hcpolicy.drift import EveryN, Never
+from hcpolicy.policy.base import Policy
+from hcpolicy.policy.heterocache import HeteroCachePolicy
+from hcpolicy.policy.quest import Quest
+
+pytest.importorskip("transformers")
+NEW = 14
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load_checkpoint(save(tiny_hf_model("llama", heads=8, kv_heads=4), tmp_path_factory.mktemp("llama")))
+
+
+def engine_of(model, **options) -> Engine:
+    return Engine(model, EngineConfig(max_seq_len=256, max_batch_size=2, page_size=8, prefill_chunk=32, **options))
+
+
+def ids(length=70, seed=1, batch=1):
+    return torch.randint(3, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+class Recorder(Policy):
+    """Keeps everything; records what each decode call saw."""
+
+    def __init__(self, period: int) -> None:
+        self.period, self.calls = period, []
+
+    def requirements(self) -> Requirements:
+        return Requirements(decode_observations=True, decode_period=self.period)
+
+    def prefill(self, obs):
+        return []
+
+    def decode(self, obs):
+        self.calls.append((obs.layer, obs.step, obs.query_positions.tolist(), obs.queries.clone()))
+        return []
+
+
+def test_requirements_report_the_trigger_period():
+    from hcpolicy.spec import ModelSpec
+
+    spec = ModelSpec(architecture="LlamaForCausalLM", num_layers=2, num_query_heads=8, num_kv_heads=4, head_dim=8)
+    profile = synthetic_profile(spec)
+    needs = HeteroCachePolicy(profile=profile).requirements()
+    assert needs.decode_observations and needs.decode_period == 5
+    assert HeteroCachePolicy(profile=profile, trigger=EveryN(n=3)).requirements().decode_period == 3
+    never = HeteroCachePolicy(profile=profile, trigger=Never()).requirements()
+    assert not never.decode_observations and never.decode_period == 1
+    with pytest.raises(ValueError, match="decode_period"):
+        Requirements(decode_period=0)
+
+
+@pytest.mark.parametrize("observe", ["inline", "deferred"])
+def test_batched_observation_carries_the_period_of_queries(model, observe):
+    runs = {}
+    for batched in (False, True):
+        policy = Recorder(period=3)
+        engine_of(model, observe=observe, batch_observations=batched).generate(ids(40), NEW, policy)
+        runs[batched] = policy.calls
+    steps = NEW - 1  # decode steps after the prefill's token
+    layers = 2
+    assert len(runs[False]) == steps * layers and len(runs[True]) == (steps // 3) * layers
+    for layer, step, positions, queries in runs[True]:
+        assert step % 3 == 0 and positions == [40 + step + i for i in range(3)] and queries.shape[2] == 3
+        singles = [q for lay, s, _, q in runs[False] if lay == layer and step <= s < step + 3]
+        assert torch.equal(queries, torch.cat(singles, dim=2))  # the same queries, in step order
+
+
+@pytest.mark.parametrize("observe", ["inline", "deferred"])
+@pytest.mark.parametrize("trigger", [None, EveryN(n=3)], ids=["windowed", "every3"])
+def test_batching_changes_nothing_but_the_calls(model, observe, trigger):
+    outs = []
+    for batched in (False, True):
+        engine = engine_of(model, observe=observe, batch_observations=batched)
+        policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6, trigger=trigger)
+        out = engine.generate(ids(80, seed=4), NEW, policy)
+        outs.append((out, engine.executor.recalls, engine.executor.recalled_rows, policy.recalls))
+    (a, *ra), (b, *rb) = outs
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logits, b.logits)
+    assert ra == rb
+    if trigger is not None:
+        assert ra[0] > 0  # the comparison covered recalls
+
+
+def test_deferred_recalls_serve_the_next_step(model):
+    """Deferred observation: a recall decided after step s changes step s + 1 on, so the
+    tokens may differ from inline; both agree with themselves under every landing mode."""
+    outs = {}
+    for landing in ("next_step", "eager_step", "async"):
+        engine = engine_of(model, observe="deferred", recall_landing=landing)
+        policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6, trigger=EveryN(n=2))
+        outs[landing] = engine.generate(ids(80, seed=4), NEW, policy)
+        assert engine.executor.recalls > 0
+        if landing == "async":
+            assert engine.executor.recaller.landed > 0
+    assert torch.equal(outs["next_step"].logits, outs["eager_step"].logits)
+    # on CPU a copy is done when issued: async lands at the next step, as next_step does
+    assert torch.equal(outs["next_step"].logits, outs["async"].logits)
+
+
+def satellite_rows_match_host(engine, layer, b, h):
+    host = engine.runtime._store.get((engine.executor.cache_id, layer, b, h)).typed()  # [N, 2, D]
+    keys, values, positions = engine.kv.entries_view(layer, [h])
+    n = engine.executor.resident[(layer, b, h)]
+    pos = positions[b, 0, :n]
+    assert torch.equal(keys[b, 0, :n], host[pos, 0]) and torch.equal(values[b, 0, :n], host[pos, 1])
+    assert bool((pos[1:] > pos[:-1]).all())
+    total = int(engine.kv.host_lengths[layer, b, h])
+    generated = positions[b, 0, n:total]  # the tokens decoded so far follow, in order
+    assert generated.tolist() == list(range(int(generated[0]), int(generated[0]) + total - n)) if total > n else True
+
+
+@pytest.mark.parametrize("landing", ["next_step", "async"])
+def test_recall_rows_pages_and_host_bytes(model, landing):
+    engine = engine_of(model, observe="deferred", recall_landing=landing)
+    free0 = engine.kv.allocator.free_pages
+    policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6, trigger=EveryN(n=2))
+    engine.prefill(ids(90, seed=6, batch=2), policy, max_new_tokens=12)
+    h2d0 = engine.runtime.counters().h2d_bytes
+    tok = torch.tensor([5, 6])
+    for _ in range(11):
+        tok = engine.decode(tok).argmax(-1)
+    engine.executor.recaller.land_ready()
+    assert not engine.executor.recaller.inflight
+    exe = engine.executor
+    assert exe.recalls > 0 and exe.moved_rows > 0  # incremental: resident rows moved on the device
+    row_bytes = 2 * engine.mc.head_dim * 4
+    assert engine.runtime.counters().h2d_bytes - h2d0 == exe.recalled_rows * row_bytes  # only new rows came over
+    for layer in range(2):
+        for b in range(2):
+            for h in (1, 2):
+                satellite_rows_match_host(engine, layer, b, h)
+    assert torch.equal(engine.kv.lengths, engine.kv.host_lengths)
+    engine.release()
+    assert engine.kv.allocator.free_pages == free0 and engine.host_bytes() == 0
+
+
+def test_async_landing_bound_and_actions_land_first(model):
+    engine = engine_of(model, observe="deferred", recall_landing="async", async_recall_pages=1)
+    free0 = engine.kv.allocator.free_pages
+    policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6, trigger=EveryN(n=2))
+    engine.prefill(ids(90, seed=7), policy, max_new_tokens=6)
+    tok = torch.tensor([5])
+    for _ in range(2):  # step 1 completes a period: recalls go in flight
+        tok = engine.decode(tok).argmax(-1)
+    rec = engine.executor.recaller
+    # a 1-page bound: layer 1's recall landed layer 0's before going in flight itself
+    assert {k[0] for k in rec.inflight} == {1} and rec.landed >= 2
+    layer = next(iter(rec.inflight))[0]
+    kept = engine.kv.entries_view(layer, [3])[2][0, 0, :4].clone()
+    # any other action on the layer lands its recall first
+    engine.executor.apply([Select(layer=layer, heads=[3], selection=Selection(indices=kept.view(1, 1, -1),
+                                                                               lengths=torch.tensor([[4]])))])  # fmt: skip
+    assert not any(k[0] == layer for k in rec.inflight)
+    engine.release()
+    assert engine.kv.allocator.free_pages == free0
+
+
+def test_config_errors(model):
+    with pytest.raises(ValueError, match="fused_kernels=True needs a CUDA device"):
+        engine_of(model, fused_kernels=True)
+    assert not engine_of(model).ops.fused  # the default on CPU: the torch reference ops
+    with pytest.raises(ValueError, match="recall_landing"):
+        EngineConfig(recall_landing="later")
+    with pytest.raises(ValueError, match="async_recall_pages"):
+        EngineConfig(async_recall_pages=0)
+    engine = engine_of(model, observe="deferred")
+    with pytest.raises(ValueError, match="Attend views"):
+        engine.generate(ids(30), 3, Quest(compression=0.5, page_size=8))
