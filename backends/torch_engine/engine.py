@@ -1,7 +1,9 @@
 """Engine: prefill and decode a batch of sequences over paged per-head KV, driven by a policy.
 
 The loop is nano-vllm's: ``prefill`` runs the prompts and lets the policy compress each
-layer; ``decode`` runs one token per sequence; ``generate`` is greedy decoding on top.
+layer (the phase itself lives in ``prefill``); ``decode`` runs one token per sequence;
+``generate`` is greedy decoding on top. The engine owns the state both phases share: the
+paged KV, the executor of the policy's actions and the static decode inputs.
 
     engine = Engine(load_checkpoint(path), EngineConfig(max_seq_len=8192))
     out = engine.generate([[1, 2, 3]], max_new_tokens=16, policy=HeteroCachePolicy(...))
@@ -28,8 +30,6 @@ from collections.abc import Callable, Sequence
 
 import attrs
 import torch
-import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from hcpolicy._validate import integer
 from hcpolicy.actions import Attend, Offload, Recall, Select
@@ -46,6 +46,7 @@ from .graphs import DecodeGraph
 from .kv import PagedKV
 from .model import Transformer
 from .observer import MODES, DecodeObserver
+from .prefill import Prefill
 from .recall import LANDINGS
 
 CAPABILITIES = Capabilities(actions={Select, Offload, Recall, Attend}, per_head_lengths=True, cuda_graphs=True)
@@ -190,30 +191,13 @@ class Engine:
         if policy is not None:
             policy.reset(self.spec, self.batch)
 
-    def _allocate_layer(self, layer: int, lengths: list[int]) -> None:
-        """Pages for every head of ``layer``: its prompt plus the tokens still to come, as
-        one run of pages when the pool has one (heads then read as strided views)."""
-        kv = self.kv
-        per_head = kv.pages_for(max(lengths) + self.executor.reserve)
-        pages = kv.allocator.allocate(self.batch * kv.num_kv_heads * per_head).view(self.batch, kv.num_kv_heads, -1)
-        for b in range(self.batch):
-            for h in range(kv.num_kv_heads):
-                kv.set_pages(layer, b, h, pages[b, h])
-        kv.push_tables(layer)
-
-    def _finish_prefill(self, lengths: list[int]) -> None:
-        self.kv.push_tables()
-        b = self.batch
-        self._logical[:b] = self.prompt_length
-        self._rope_pos[:b, 0] = torch.tensor(lengths, device=self.device)
-
     def release(self) -> None:
         """Free every page and host copy of the current sequences."""
         self.executor.reset()
         self.kv.release()
         self.policy = None
 
-    # -- prefill -------------------------------------------------------------------------------
+    # -- prefill (the phase itself: prefill.Prefill) -------------------------------------------
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]] | torch.Tensor, policy: Policy | None = None, *,
                 max_new_tokens: int) -> torch.Tensor:  # fmt: skip
@@ -222,69 +206,9 @@ class Engine:
         seqs = [torch.as_tensor(p, dtype=torch.int64).flatten().to(self.device) for p in prompts]
         lengths = [int(s.numel()) for s in seqs]
         self._begin(lengths, policy, max_new_tokens)
-        for layer in range(self.mc.num_layers):
-            self._allocate_layer(layer, lengths)
-        window = self._query_window()
-        record = [torch.zeros(self.batch, self.mc.num_heads, window, self.mc.head_dim, dtype=self.dtype,
-                              device=self.device) for _ in range(self.mc.num_layers)] if policy else None  # fmt: skip
-        logits = torch.stack([self._prefill_sequence(b, seq, record) for b, seq in enumerate(seqs)])
-        if policy is not None:
-            positions = torch.arange(self.prompt_length - window, self.prompt_length, device=self.device)
-            for layer in range(self.mc.num_layers):
-                self._compress(layer, record[layer], positions)
+        logits = Prefill(self, lengths).run(seqs)
         self._finish_prefill(lengths)
         return logits
-
-    def _query_window(self) -> int:
-        window = self._needs.query_window
-        return self.prompt_length if window is None else min(window, self.prompt_length)
-
-    def _prefill_sequence(self, b: int, tokens: torch.Tensor, record: list[torch.Tensor] | None) -> torch.Tensor:
-        length, start = tokens.numel(), self._starts_host[b]
-        chunk = self.config.prefill_chunk
-        logits = None
-        for s in range(0, length, chunk):
-            e = min(length, s + chunk)
-            own = torch.arange(s, e, device=self.device)  # RoPE positions of this chunk
-
-            def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                # q: [1, H_q, Q, D]; k, v: [1, H_kv, Q, D]
-                self.kv.write(layer, b, s, k[0], v[0], own + start)
-                keys, values = self.kv.sequence_view(layer, b, e)  # [1, H_kv, e, D]
-                if record is not None:
-                    self._record_window(record[layer], b, q, s, e, length)
-                return self._prefill_attention(q, keys, values, s)
-
-            logits = self.model(tokens[None, s:e], own[None], attend, last_only=True, ops=self.ops)
-        return logits[0, -1]
-
-    def _prefill_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: int) -> torch.Tensor:
-        """Causal attention of a chunk's queries (positions first..) over entries 0..e. -> [1, Q, H_q * D]."""
-        b, h_q, q_len, d = q.shape
-        if first == 0 and not q.is_cuda:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
-        else:
-            # CUDA's fused kernels (flash, memory-efficient) want H_q K/V heads, and a later
-            # chunk's causal mask aligned bottom-right (causal_lower_right, never materialised)
-            g = self.mc.group_size
-            keys, values = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)
-            mask = causal_lower_right(q_len, keys.shape[2])
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-        return out.transpose(1, 2).reshape(b, q_len, h_q * d)
-
-    def _record_window(self, record: torch.Tensor, b: int, q: torch.Tensor, s: int, e: int, length: int) -> None:
-        """Copy the chunk's queries that fall in the policy's window (right-aligned) into record [B, H_q, W, D]."""
-        window = record.shape[2]
-        lo = max(s, length - window)
-        if lo < e:
-            record[b, :, lo - (length - window) : e - (length - window)] = q[0, :, lo - s : e - s]
-
-    def _compress(self, layer: int, queries: torch.Tensor, positions: torch.Tensor) -> None:
-        obs = Observation(
-            phase=Phase.PREFILL, layer=layer, queries=queries, query_positions=positions,
-            cache=self.kv.prefill_view(layer, self._starts_host, self.starts), prompt_length=self.prompt_length,
-        )  # fmt: skip
-        self.executor.apply(list(self.policy.prefill(obs)))
 
     @torch.no_grad()
     def prefill_random(self, lengths: Sequence[int], policy: Policy | None = None, *, max_new_tokens: int,
@@ -294,23 +218,16 @@ class Engine:
         prefill time is not the point; peak memory stays near the compressed size)."""
         lengths = [int(n) for n in lengths]
         self._begin(lengths, policy, max_new_tokens)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        window = self._query_window()
-        positions = torch.arange(self.prompt_length - window, self.prompt_length, device=self.device)
-        h_kv, d = self.mc.num_kv_heads, self.mc.head_dim
-        for layer in range(self.mc.num_layers):
-            self._allocate_layer(layer, lengths)
-            for b, n in enumerate(lengths):
-                k = torch.randn(h_kv, n, d, generator=gen, device=self.device, dtype=self.dtype)
-                v = torch.randn(h_kv, n, d, generator=gen, device=self.device, dtype=self.dtype)
-                own = torch.arange(n, device=self.device) + self._starts_host[b]
-                self.kv.write(layer, b, 0, k, v, own)
-                del k, v
-            if policy is not None:
-                q = torch.randn(self.batch, self.mc.num_heads, window, d, generator=gen, device=self.device,
-                                dtype=self.dtype)  # fmt: skip
-                self._compress(layer, q, positions)
+        Prefill(self, lengths).run_random(seed)
         self._finish_prefill(lengths)
+
+    def _finish_prefill(self, lengths: list[int]) -> None:
+        """Ready decode: the final page tables on the device, and the static decode inputs
+        at each sequence's first generated token."""
+        self.kv.push_tables()
+        b = self.batch
+        self._logical[:b] = self.prompt_length
+        self._rope_pos[:b, 0] = torch.tensor(lengths, device=self.device)
 
     # -- decode --------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,24 +1,10 @@
-"""Token counters for task tests: stand-ins for a model tokenizer, cheap and deterministic."""
+"""Fixtures for the eval tests; importable helpers live in ``eval_helpers``."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 
 from hcpolicy.eval import BUILTIN_TASKS, TASKS, Task
-
-
-def whitespace_tokens(text: str) -> int:
-    return len(text.split())
-
-
-def char4_tokens(text: str) -> int:
-    """~4 characters per token, the usual rule of thumb for English BPE."""
-    return math.ceil(len(text) / 4)
-
-
-COUNTERS = {"ws": whitespace_tokens, "char4": char4_tokens}
 
 
 @pytest.fixture(params=BUILTIN_TASKS)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import COUNTERS, char4_tokens, whitespace_tokens
+from eval_helpers import COUNTERS, char4_tokens, whitespace_tokens
 from hcpolicy.eval import BUILTIN_TASKS, TASKS, Task, tolerance
 from hcpolicy.eval import _words
 from hcpolicy.eval.haystack import Haystack, Insert

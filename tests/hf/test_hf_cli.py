@@ -9,7 +9,7 @@ from hcpolicy.cli import app
 from hcpolicy.classify import build_profile
 from hcpolicy.spec import ModelSpec
 
-from conftest import tiny_model
+from hf_helpers import tiny_model
 import torch
 
 tokenizers = pytest.importorskip("tokenizers")

@@ -8,7 +8,7 @@ from hcpolicy.backends.hf.evaluate import HFEvaluator
 from hcpolicy.policy.baselines import FullKV, SnapKV
 from hcpolicy.policy.heterocache import HeteroCachePolicy
 
-from conftest import tiny_model
+from hf_helpers import tiny_model
 from test_hf_exactness import synthetic_profile
 
 tokenizers = pytest.importorskip("tokenizers")
