@@ -34,6 +34,7 @@ class PagedExecutor(ActionExecutor):
         self.resident: dict[tuple[int, int, int], int] = {}  # entries from the offloaded range on the device
         self.attend_views: dict[int, dict[int, Selection]] = {}  # layer -> head -> [B, 1, K] (this step)
         self.recaller = Recaller(self, landing, async_pages)
+        self._reading: dict[int, torch.cuda.Event | None] = {}  # layer -> its newest offload copy (CUDA)
 
     def reset(self) -> None:
         self.recaller.reset()
@@ -42,6 +43,7 @@ class PagedExecutor(ActionExecutor):
         self.host_positions.clear()
         self.resident.clear()
         self.attend_views.clear()
+        self._reading.clear()
 
     # -- checks --------------------------------------------------------------------------------
     def check(self, action: Action) -> None:
@@ -92,14 +94,15 @@ class PagedExecutor(ActionExecutor):
         """``heads`` now hold exactly the given entries (rows_kv [B, H', K, 2, D], rows_pos
         [B, H', K], valid [B, H', K]; lengths [B, H'] host) in fresh pages."""
         kv = self.kv
-        for b in range(kv.batch_size):  # free everything first: the new pages may reuse them
-            for h in heads:
-                kv.free_head(layer, b, h)
-        for b in range(kv.batch_size):
-            for i, h in enumerate(heads):
-                n = int(lengths[b, i])
-                kv.set_pages(layer, b, h, kv.allocator.allocate(kv.pages_for(n + self.reserve)))
-                kv.host_lengths[layer, b, h] = n
+        pairs = [(b, i, h) for b in range(kv.batch_size) for i, h in enumerate(heads)]
+        # free everything first (the new pages may reuse them), then one allocation for all
+        # the heads, split per head: the allocator's scan is per call, not per page
+        old = torch.cat([kv.head_pages(layer, b, h) for b, _, h in pairs])
+        kv.allocator.free(old, after=self._reading.get(layer))
+        counts = [kv.pages_for(int(lengths[b, i]) + self.reserve) for b, i, _ in pairs]
+        for (b, i, h), pages in zip(pairs, kv.allocator.allocate(sum(counts)).split(counts)):
+            kv.set_pages(layer, b, h, pages)
+            kv.host_lengths[layer, b, h] = int(lengths[b, i])
         kv.push_tables(layer)
         k = rows_pos.shape[-1]
         entries = torch.arange(k, device=kv.device).expand_as(rows_pos)
@@ -120,8 +123,9 @@ class PagedExecutor(ActionExecutor):
                 if key in self.runtime:
                     self.runtime.evict(key)
                 transfer = self.runtime.offload(key, src)  # [n, 2, D]
-                # the pages may be rewritten by the next action: the stream waits for the copy
-                self.runtime.wait(transfer)
+                # the copy reads these pages while compute goes on: pages a later action frees
+                # are quarantined behind its event (PageAllocator) rather than the stream waiting
+                self._reading[layer] = transfer.event
                 self.host_positions[(layer, b, h)] = pos.clone()
                 self.resident[(layer, b, h)] = n
 

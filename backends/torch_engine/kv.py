@@ -129,6 +129,7 @@ class PagedKV:
         held = self._host_pages > 0
         for layer, b, h in torch.nonzero(held).tolist():
             self.allocator.free(self._host_table[layer, b, h, : int(self._host_pages[layer, b, h])])
+        self.allocator.drain()
         self._host_table.zero_()
         self._host_pages.zero_()
         self._host_lengths.zero_()
