@@ -28,76 +28,26 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
-import attrs
 import torch
 
-from hcpolicy._validate import integer
 from hcpolicy.actions import Attend, Offload, Recall, Select
 from hcpolicy.capabilities import Capabilities, Requirements, unmet
-from hcpolicy.kernels.ragged_decode import DecodeConfig
 from hcpolicy.observe import Observation, Phase
 from hcpolicy.policy.base import Policy
 from hcpolicy.runtime import TransferRuntime
 
 from .decode import paged_decode, resolve_kernel
+from .engine_config import EngineConfig, GenerateOutput
 from .executor import PagedExecutor
 from .fused import resolve_ops
 from .graphs import DecodeGraph
 from .kv import PagedKV
 from .model import Transformer
-from .observer import MODES, DecodeObserver
+from .observer import DecodeObserver
 from .prefill import Prefill
-from .recall import LANDINGS
 
 CAPABILITIES = Capabilities(actions={Select, Offload, Recall, Attend}, per_head_lengths=True, cuda_graphs=True)
 _ids = itertools.count(1)
-
-
-@attrs.frozen
-class EngineConfig:
-    """max_batch_size, max_seq_len (logical tokens per sequence: prompt + generated);
-    page_size: tokens per KV page; num_pages: pool size (None: full KV for
-    max_batch_size x max_seq_len); prefill_chunk: prompt tokens per forward;
-    cuda_graphs: capture the decode step on CUDA; decode_kernel: 'auto', 'triton', 'torch'.
-
-    fused_kernels: RMSNorm(+residual), RoPE, SiLU*up and the KV append as one Triton launch
-        each (``fused``). None (default): on CUDA with triton, torch ops elsewhere; True:
-        Triton or a ValueError; False: the torch ops (the reference).
-    observe: 'auto' ('deferred' under CUDA graphs, else 'inline'), 'inline' or 'deferred'
-        (see ``observer``; 'inline' cannot run under CUDA graphs).
-    batch_observations: call a policy with ``decode_period`` > 1 once per period with that
-        many queries (False: every step with one, as before).
-    recall_landing: 'next_step', 'eager_step' or 'async' (see ``recall``);
-        async_recall_pages: bound on the fresh pages of async recalls in flight (None: the
-        pool's free pages are the bound)."""
-
-    max_batch_size: int = attrs.field(default=1, validator=integer(1))
-    max_seq_len: int = attrs.field(default=4096, validator=integer(1))
-    page_size: int = attrs.field(default=64, validator=integer(1))
-    num_pages: int | None = None
-    prefill_chunk: int = attrs.field(default=8192, validator=integer(1))
-    cuda_graphs: bool = True
-    decode_kernel: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "triton", "torch")))
-    decode_config: DecodeConfig = attrs.field(factory=DecodeConfig)
-    fused_kernels: bool | None = attrs.field(default=None, validator=attrs.validators.in_((None, True, False)))
-    observe: str = attrs.field(default="auto", validator=attrs.validators.in_(MODES))
-    batch_observations: bool = True
-    recall_landing: str = attrs.field(default="next_step", validator=attrs.validators.in_(LANDINGS))
-    async_recall_pages: int | None = None
-
-    def __attrs_post_init__(self) -> None:
-        for name in ("num_pages", "async_recall_pages"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
-
-
-@attrs.frozen
-class GenerateOutput:
-    """tokens: [B, T] generated ids; logits: [B, T, V] the logits each token was taken from."""
-
-    tokens: torch.Tensor
-    logits: torch.Tensor
 
 
 class Engine:
