@@ -19,8 +19,7 @@ from typing import Any
 import attrs
 import torch
 
-from hcpolicy.classify import build_profile
-from hcpolicy.profile import HeadProfile
+from hcpolicy.bench.hf_decode import llama_like_profile
 from hcpolicy.spec import ModelSpec
 
 from .config import ModelConfig
@@ -54,28 +53,12 @@ class BenchPlan:
             raise ValueError("steps must be >= 1 and warmup >= 0")
 
 
-def synthetic_profile(spec: ModelSpec, seed: int = 0) -> HeadProfile:
-    """Roles in the proportions of the released Llama-3.1-8B classification: per layer one
-    pivot (head 0) whose satellites are every head but the last, and one unique head,
-    volatile in even layers and an anchor in odd ones (for 8 KV heads: 1 + 6 + 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    h = spec.num_kv_heads
-    stab = 0.3 + 0.6 * torch.rand(spec.num_layers, h, generator=gen)
-    adj = torch.zeros(spec.num_layers, h, h, dtype=torch.bool)
-    if h >= 3:
-        stab[::2, h - 1], stab[1::2, h - 1] = 0.3, 0.8
-        adj[:, 0, 1 : h - 1] = True
-    else:
-        adj[:, 0, 1:] = True
-    return build_profile(spec, stab, adj, tau_stable=0.5, settings={"synthetic": "llama-3.1-8b-like roles"})
-
-
 def make_policy(name: str, spec: ModelSpec, compression: float) -> Any:
     from hcpolicy.policy.factory import build_policy
 
     if name == "full":
         return None
-    return build_policy(name, compression, profile=synthetic_profile(spec))
+    return build_policy(name, compression, profile=llama_like_profile(spec))
 
 
 def bandwidth(device: torch.device, nbytes: int) -> float:

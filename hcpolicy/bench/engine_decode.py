@@ -48,7 +48,8 @@ from typing import Any, Callable
 import torch
 
 from hcpolicy.backends.torch_engine import Engine, EngineConfig, ModelConfig, random_model
-from hcpolicy.backends.torch_engine.bench import bandwidth, hf_model, synthetic_profile
+from hcpolicy.backends.torch_engine.bench import bandwidth, hf_model
+from hcpolicy.bench.hf_decode import llama_like_profile
 from hcpolicy.policy.heterocache import HeteroCachePolicy
 
 PARTS = ("a", "b", "c", "c_hf", "d", "e")
@@ -152,7 +153,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def hetero(spec: Any, compression: float) -> HeteroCachePolicy:
-    return HeteroCachePolicy(profile=synthetic_profile(spec), compression=compression)
+    return HeteroCachePolicy(profile=llama_like_profile(spec), compression=compression)
 
 
 def part_c_hf(args: argparse.Namespace, config: ModelConfig, bw: float) -> dict[str, Any]:

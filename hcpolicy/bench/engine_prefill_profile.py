@@ -17,21 +17,9 @@ import torch
 
 from hcpolicy.backends.torch_engine import Engine, EngineConfig, ModelConfig, random_model
 from hcpolicy.backends.torch_engine import executor as executor_mod
-from hcpolicy.backends.torch_engine.bench import synthetic_profile
 from hcpolicy.backends.torch_engine.prefill import Prefill
+from hcpolicy.bench.hf_decode import llama_like_profile, timed
 from hcpolicy.policy.heterocache import HeteroCachePolicy
-
-
-def timed(table: dict[str, list[float]], name: str, fn: Any) -> Any:
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        torch.cuda.synchronize()
-        table[name].append((time.perf_counter() - t0) * 1e3)
-        return out
-
-    return wrapper
 
 
 def main() -> None:
@@ -43,7 +31,7 @@ def main() -> None:
     ids = torch.randint(0, config.vocab_size, (1, args.context), device="cuda")
     out: dict[str, Any] = {}
     for name in ("full", "full", "heterocache", "heterocache"):
-        policy = HeteroCachePolicy(profile=synthetic_profile(config.spec()), compression=0.5) if name != "full" else None
+        policy = HeteroCachePolicy(profile=llama_like_profile(config.spec()), compression=0.5) if name != "full" else None
         engine = Engine(model, EngineConfig(max_seq_len=args.context + 8, prefill_chunk=8192))
         pieces: dict[str, list[float]] = collections.defaultdict(list)
         originals = {}

@@ -35,15 +35,34 @@ def llama8b_config(max_position: int) -> Any:
 
 
 def llama_like_profile(spec: ModelSpec, seed: int = 0) -> Any:
-    """Roles in the proportions of the released Llama-3.1-8B classification (per layer one
-    pivot with six satellites and one unique head; about half the unique heads volatile)."""
+    """Roles in the proportions of the released Llama-3.1-8B classification: per layer one
+    pivot (head 0) whose satellites are every head but the last, and one unique head,
+    volatile in even layers and an anchor in odd ones (for 8 KV heads: 1 + 6 + 1). Shared
+    by the HF and engine benches."""
     gen = torch.Generator().manual_seed(seed)
-    stab = 0.3 + 0.6 * torch.rand(spec.num_layers, spec.num_kv_heads, generator=gen)
-    stab[::2, 7] = 0.3  # every other layer's unique head drifts: volatile
-    stab[1::2, 7] = 0.8  # the others are stable: anchors
-    adj = torch.zeros(spec.num_layers, spec.num_kv_heads, spec.num_kv_heads, dtype=torch.bool)
-    adj[:, 0, 1:7] = True
+    h = spec.num_kv_heads
+    stab = 0.3 + 0.6 * torch.rand(spec.num_layers, h, generator=gen)
+    adj = torch.zeros(spec.num_layers, h, h, dtype=torch.bool)
+    if h >= 3:
+        stab[::2, h - 1], stab[1::2, h - 1] = 0.3, 0.8
+        adj[:, 0, 1 : h - 1] = True
+    else:
+        adj[:, 0, 1:] = True
     return build_profile(spec, stab, adj, tau_stable=0.5, settings={"synthetic": "llama-3.1-8b-like roles"})
+
+
+def timed(table: dict[str, list[float]], name: str, fn: Any) -> Any:
+    """``fn`` wrapped to append its wall time in ms (host syncs around it) to table[name]."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        table[name].append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    return wrapper
 
 
 def hbm_bandwidth() -> float:
@@ -104,6 +123,19 @@ def run_dynamic(model: Any, length: int, steps: int, warmup: int) -> dict[str, A
             "peak_gb": torch.cuda.max_memory_allocated() / 1e9}  # fmt: skip
 
 
+def fill_compressed(cache: Any, length: int, seed: int = 1) -> None:
+    """What a prefill does to a HeadwiseCache, layer by layer: store random K/V of ``length``
+    tokens dense, then let the cache's policy compress it from a random last query."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    for layer in cache.layers:
+        k, v = random_kv(length, gen)
+        layer.update(k, v)
+        layer.prefilled = True
+        query = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        cache.compress(layer, query, torch.tensor([length - 1], device="cuda"))
+        del k, v
+
+
 def run_heterocache(model: Any, length: int, steps: int, warmup: int, compression: float) -> dict[str, Any]:
     from hcpolicy.backends.hf import HFBackend
 
@@ -111,15 +143,8 @@ def run_heterocache(model: Any, length: int, steps: int, warmup: int, compressio
     policy = HeteroCachePolicy(profile=llama_like_profile(backend.spec), compression=compression)
     cache = backend.new_cache(policy, headroom=warmup + steps + 1)
     cache.prompt_length = length
-    gen = torch.Generator(device="cuda").manual_seed(1)
     t0 = time.perf_counter()
-    for layer in cache.layers:  # what a prefill does, layer by layer: store dense, then compress
-        k, v = random_kv(length, gen)
-        layer.update(k, v)
-        layer.prefilled = True
-        query = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-        cache.compress(layer, query, torch.tensor([length - 1], device="cuda"))
-        del k, v
+    fill_compressed(cache, length)
     torch.cuda.synchronize()
     compress_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()

@@ -18,20 +18,8 @@ from typing import Any
 
 import torch
 
-from hcpolicy.bench.hf_decode import llama8b_config, llama_like_profile, random_kv
+from hcpolicy.bench.hf_decode import fill_compressed, llama8b_config, llama_like_profile, timed
 from hcpolicy.policy.heterocache import HeteroCachePolicy
-
-
-def timed(table: dict[str, list[float]], name: str, fn: Any) -> Any:
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        torch.cuda.synchronize()
-        table[name].append((time.perf_counter() - t0) * 1e3)
-        return out
-
-    return wrapper
 
 
 def main() -> None:
@@ -54,14 +42,7 @@ def main() -> None:
     policy = HeteroCachePolicy(profile=llama_like_profile(backend.spec), compression=0.5)
     cache = backend.new_cache(policy, headroom=64)
     cache.prompt_length = length
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    for layer in cache.layers:
-        k, v = random_kv(length, gen)
-        layer.update(k, v)
-        layer.prefilled = True
-        query = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-        cache.compress(layer, query, torch.tensor([length - 1], device="cuda"))
-        del k, v
+    fill_compressed(cache, length)
     token = torch.tensor([[17]], device="cuda")
 
     def step(i: int) -> float:
