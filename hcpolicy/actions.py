@@ -130,6 +130,14 @@ class ActionError(ValueError):
     """An action that cannot be executed against the current cache state."""
 
 
+def check_address(action: Action, num_layers: int, num_kv_heads: int) -> None:
+    """Raise ActionError if ``action`` names a layer or KV head the model does not have."""
+    if action.layer >= num_layers:
+        raise ActionError(f"layer {action.layer} out of range ({num_layers} layers)")
+    if max(action.heads) >= num_kv_heads:
+        raise ActionError(f"head {max(action.heads)} out of range ({num_kv_heads} KV heads)")
+
+
 class ActionExecutor(ABC):
     """How a backend's cache takes actions: ``apply`` checks each one (``check``) and
     dispatches it to the method for its type. A backend implements the methods of the

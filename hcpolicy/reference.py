@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hcpolicy.actions import Action, ActionError, ActionExecutor, Attend, Offload, Recall, Select, Selection
+from hcpolicy.actions import Action, ActionError, ActionExecutor, Attend, Offload, Recall, Select, Selection, check_address
 from hcpolicy.observe import LayerCache, Observation, Phase
 
 if TYPE_CHECKING:
@@ -47,11 +47,7 @@ class ReferenceCache(ActionExecutor):
 
     # -- executing actions ----------------------------------------------------------------
     def check(self, action: Action) -> None:
-        layer, heads = action.layer, action.heads
-        if layer >= len(self.layers):
-            raise ActionError(f"layer {layer} out of range ({len(self.layers)} layers)")
-        if max(heads) >= self.num_kv_heads:
-            raise ActionError(f"head {max(heads)} out of range ({self.num_kv_heads} KV heads)")
+        check_address(action, len(self.layers), self.num_kv_heads)
 
     def offload(self, a: Offload) -> None:
         for row in self.layers[a.layer]:

@@ -16,7 +16,7 @@ import torch
 
 from . import compat
 from .storage import RaggedKV
-from hcpolicy.actions import Action, ActionError, ActionExecutor, Attend, Offload, Recall, Select, Selection
+from hcpolicy.actions import Action, ActionError, ActionExecutor, Attend, Offload, Recall, Select, Selection, check_address
 from hcpolicy.capabilities import Requirements
 from hcpolicy.observe import LayerCache, Observation, Phase
 from hcpolicy.policy.base import Policy
@@ -108,8 +108,7 @@ class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
     def check(self, action: Action) -> None:
         if action.layer != self.index:
             raise ActionError(f"action for layer {action.layer} reached layer {self.index}")
-        if max(action.heads) >= self.owner.spec.num_kv_heads:
-            raise ActionError(f"head {max(action.heads)} out of range ({self.owner.spec.num_kv_heads} KV heads)")
+        check_address(action, self.owner.spec.num_layers, self.owner.spec.num_kv_heads)
 
     def attend_view(self, action: Attend) -> None:
         for i, h in enumerate(action.heads):

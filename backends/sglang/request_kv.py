@@ -31,7 +31,7 @@ from typing import Any, Hashable
 import torch
 import torch.nn.functional as F
 
-from hcpolicy.actions import Action, ActionError, ActionExecutor, Attend, Offload, Recall, Select, Selection
+from hcpolicy.actions import Action, ActionError, ActionExecutor, Attend, Offload, Recall, Select, Selection, check_address
 from hcpolicy.observe import LayerCache
 from hcpolicy.runtime import TransferRuntime
 from hcpolicy.spec import ModelSpec
@@ -105,10 +105,7 @@ class RequestKV(ActionExecutor):
         self.touched = self.touched or bool(actions)
 
     def check(self, action: Action) -> None:
-        if action.layer >= self.spec.num_layers:
-            raise ActionError(f"layer {action.layer} out of range ({self.spec.num_layers} layers)")
-        if max(action.heads) >= self.spec.num_kv_heads:
-            raise ActionError(f"head {max(action.heads)} out of range ({self.spec.num_kv_heads} KV heads)")
+        check_address(action, self.spec.num_layers, self.spec.num_kv_heads)
         selection = getattr(action, "selection", None)
         if selection is not None and selection.indices.shape[0] != 1:
             raise ActionError(f"SGLang requests are sequences of their own: batch 1, got {selection.indices.shape[0]}")

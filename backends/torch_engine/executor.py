@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from hcpolicy.actions import Action, ActionError, ActionExecutor, Attend, Offload, Recall, Select, Selection
+from hcpolicy.actions import Action, ActionError, ActionExecutor, Attend, Offload, Recall, Select, Selection, check_address
 from hcpolicy.runtime import TransferRuntime
 
 from .kv import PagedKV
@@ -47,10 +47,7 @@ class PagedExecutor(ActionExecutor):
 
     # -- checks --------------------------------------------------------------------------------
     def check(self, action: Action) -> None:
-        if action.layer >= self.kv.num_layers:
-            raise ActionError(f"layer {action.layer} out of range ({self.kv.num_layers} layers)")
-        if max(action.heads) >= self.kv.num_kv_heads:
-            raise ActionError(f"head {max(action.heads)} out of range ({self.kv.num_kv_heads} KV heads)")
+        check_address(action, self.kv.num_layers, self.kv.num_kv_heads)
         selection = getattr(action, "selection", None)
         if selection is not None and selection.indices.shape[0] != self.kv.batch_size:
             raise ActionError(f"selection has batch {selection.indices.shape[0]}, cache has {self.kv.batch_size}")
