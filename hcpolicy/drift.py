@@ -50,6 +50,16 @@ class DriftTrigger(ABC):
                 fired = now if fired is None else fired | now
         return fired
 
+    def observe_windows(self, keys: list[Hashable], first_step: int, topk: torch.Tensor, universe: int) -> torch.Tensor:
+        """``observe_window`` for several monitors at once. topk: [P, B, W, k], one row per
+        key. Returns [P, B] bool (False where a key had no decision point). Override to
+        batch the work across monitors."""
+        rows = []
+        for key, sets in zip(keys, topk):
+            fired = self.observe_window(key, first_step, sets, universe)
+            rows.append(torch.zeros(topk.shape[1], dtype=torch.bool, device=topk.device) if fired is None else fired)
+        return torch.stack(rows)
+
 
 @attrs.define
 class WindowedOverlap(DriftTrigger):
@@ -98,6 +108,25 @@ class WindowedOverlap(DriftTrigger):
             return super().observe_window(key, first_step, topk, universe)
         scores = overlap(topk, self._reference[key].unsqueeze(1), universe).transpose(0, 1)  # [W, B]
         return self._decide(key, scores, topk[:, -1])
+
+    def observe_windows(self, keys: list[Hashable], first_step: int, topk: torch.Tensor, universe: int) -> torch.Tensor:
+        """One window of every monitor in one go (a handful of launches for all of them)."""
+        missing = [k for k in keys if k not in self._reference]
+        if missing:
+            raise KeyError(f"monitor {missing[0]!r} has no reference set; call set_reference first")
+        if (any(self._buffer[k] for k in keys) or topk.shape[2] != self.window
+                or len({self._reference[k].shape for k in keys}) != 1):  # fmt: skip
+            return super().observe_windows(keys, first_step, topk, universe)
+        reference = torch.stack([self._reference[k] for k in keys])  # [P, B, k]
+        scores = overlap(topk, reference.unsqueeze(2), universe)  # [P, B, W]
+        if not self.per_sequence:
+            scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
+        fired = scores.median(dim=2).values < self.tau  # [P, B]
+        updated = torch.where(fired.unsqueeze(-1), topk[:, :, -1], reference)
+        for key, ref in zip(keys, updated):
+            self._reference[key] = ref
+            self._buffer[key] = []
+        return fired
 
     def _decide(self, key: Hashable, scores: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
         """scores: [W, B] overlaps with the reference; newest: [B, k] the last step's set."""

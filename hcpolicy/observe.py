@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Sequence
 
 import attrs
 import torch
@@ -80,6 +81,14 @@ class Observation:
     offloaded, recallable); step: decode steps taken before this one (0 at prefill);
     heads: the KV heads ``cache`` covers, in order (None = all of them; a backend passes
     what ``Policy.observed_heads`` asked for).
+    offloaded: decode only, where the backend offers it: ``offloaded(heads)`` -> a
+    LayerCache of the full KV those heads of this layer had when they were offloaded (read
+    back from the host store; KeyError for a head that was never offloaded). None: the
+    backend cannot read its host store here.
+    recorded: decode only: the queries were recorded over consecutive steps, each token
+    already attended when its step ran (a backend calling the policy once per period);
+    False: they are this forward's new tokens (one per step, or a chunk such as a question
+    appended after prefill).
     """
 
     phase: Phase
@@ -90,6 +99,8 @@ class Observation:
     prompt_length: int = attrs.field(validator=positive)
     step: int = attrs.field(default=0, validator=non_negative)
     heads: tuple[int, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
+    offloaded: Callable[[Sequence[int]], LayerCache] | None = attrs.field(default=None, eq=False, repr=False)
+    recorded: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.heads is not None and len(self.heads) != self.cache.num_kv_heads:

@@ -82,3 +82,43 @@ def test_observe_window_default_loops_observe():
     sets = torch.zeros(3, 4, 5, dtype=torch.int64)
     assert torch.equal(trigger.observe_window("m", 0, sets, 10), torch.ones(3, dtype=torch.bool))
     assert trigger.observe_window("m", 0, sets[:, :1], 10) is None
+
+
+@pytest.mark.parametrize("per_sequence", [True, False])
+def test_observe_windows_equals_one_monitor_at_a_time(per_sequence):
+    """Several monitors' windows in one call decide and move references as one call each."""
+    gen = torch.Generator().manual_seed(5)
+    universe, k, batch, window, monitors = 40, 10, 3, 5, 4
+    one = WindowedOverlap(window=window, per_sequence=per_sequence)
+    many = WindowedOverlap(window=window, per_sequence=per_sequence)
+    keys = [("layer", i) for i in range(monitors)]
+    for key in keys:
+        reference = torch.stack([torch.randperm(universe, generator=gen)[:k] for _ in range(batch)])
+        one.set_reference(key, reference)
+        many.set_reference(key, reference)
+    outcomes = set()
+    for round_ in range(3):
+        sets = torch.stack([
+            torch.stack([
+                torch.stack([torch.randperm(universe, generator=gen)[:k] if (m + b) % 2 else one._reference[keys[m]][b]
+                             for _ in range(window)])
+                for b in range(batch)
+            ])
+            for m in range(monitors)
+        ])  # [P, B, W, k]
+        expected = torch.stack([one.observe_window(key, round_ * window, sets[m], universe) for m, key in enumerate(keys)])
+        got = many.observe_windows(keys, round_ * window, sets, universe)
+        assert torch.equal(got, expected)
+        outcomes |= set(got.flatten().tolist())
+        for key in keys:
+            assert torch.equal(many._reference[key], one._reference[key])
+    assert outcomes == {True, False}  # both decisions were exercised
+    with pytest.raises(KeyError, match="no reference"):
+        many.observe_windows([("layer", 99)], 0, sets[:1], universe)
+
+
+def test_observe_windows_default_loops_observe_window():
+    trigger = EveryN(n=2)
+    sets = torch.zeros(2, 3, 4, 5, dtype=torch.int64)
+    assert torch.equal(trigger.observe_windows(["a", "b"], 0, sets, 10), torch.ones(2, 3, dtype=torch.bool))
+    assert not trigger.observe_windows(["a", "b"], 0, sets[:, :, :1], 10).any()  # no decision point

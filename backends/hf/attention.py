@@ -55,7 +55,7 @@ def hcpolicy_attention(
             obs = Observation(
                 phase=Phase.DECODE, layer=layer.index, queries=query, query_positions=positions,
                 cache=layer.view(heads), prompt_length=owner.prompt_length, step=first - owner.prompt_length,
-                heads=heads,
+                heads=heads, offloaded=layer.offloaded_view,
             )  # fmt: skip
             layer.apply(list(owner.policy.decode(obs)))
     if layer.ragged is None and not layer.attend_views:

@@ -74,16 +74,18 @@ class HFBackend:
                 compat.unregister_attention(NAME)
 
     def new_cache(
-        self, policy: Policy | None, *, record_window: int | None = 0, headroom: int | None = None
+        self, policy: Policy | None, *, record_window: int | None = 0, headroom: int | None = None,
+        reuse_resident: bool = True,
     ) -> HeadwiseCache:
         """A cache for one generation; pass it to the model inside ``attach()``.
 
         headroom: spare rows per head for tokens appended after compression (the expected
-        new tokens avoid any regrowth); default: the backend's."""
+        new tokens avoid any regrowth); default: the backend's. reuse_resident: see
+        ``HeadwiseCache``."""
         self.check(policy)
         return HeadwiseCache(
             self.spec, policy, device=self.device, headroom=self.headroom if headroom is None else headroom,
-            record_window=record_window,
+            record_window=record_window, reuse_resident=reuse_resident,
         )  # fmt: skip
 
     def generate(self, input_ids: torch.Tensor, policy: Policy | None, **kwargs: Any) -> tuple[torch.Tensor, HeadwiseCache]:

@@ -8,14 +8,15 @@ RoPE positions, masks and ``generate`` see the sequence as if nothing had been d
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 import torch
 
 from . import compat
-from .storage import RaggedKV
+from .recall import recall as recall_rows
+from .storage import RaggedKV, consecutive
 from hcpolicy.actions import Action, ActionError, ActionExecutor, Attend, Offload, Recall, Select, Selection, check_address
 from hcpolicy.capabilities import Requirements
 from hcpolicy.observe import LayerCache, Observation, Phase
@@ -44,6 +45,7 @@ class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
         self.host_positions: dict[tuple[int, int], torch.Tensor] = {}  # (b, h) -> [n] offloaded positions
         self.host_resident: dict[tuple[int, int], int] = {}  # (b, h) -> rows on device from the host range
         self.attend_views: dict[int, Selection] = {}  # head -> this step's Attend selection [B, 1, K]
+        self.recall_plans: dict[tuple[int, ...], tuple] = {}  # heads -> (layout key, RecallPlan)
 
     # -- transformers' layer interface ------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
@@ -85,6 +87,7 @@ class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
         self.host_positions.clear()
         self.host_resident.clear()
         self.attend_views.clear()
+        self.recall_plans.clear()
 
     # -- views --------------------------------------------------------------------------------
     def view(self, heads: list[int] | None = None) -> LayerCache:
@@ -92,7 +95,8 @@ class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
         if self.ragged is None:
             keys, values = self.keys, self.values
             if heads is not None:
-                keys, values = keys[:, heads], values[:, heads]
+                cut = consecutive(heads)  # a slice is a view; a list index syncs the host
+                keys, values = (keys[:, cut], values[:, cut]) if cut is not None else (keys[:, heads], values[:, heads])
             return LayerCache.dense(keys, values, starts=self.owner.starts)
         cache = self.ragged.padded(heads)
         return attrs.evolve(cache, starts=self.owner.starts)
@@ -148,6 +152,7 @@ class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
     def offload(self, action: Offload) -> None:
         store = self._make_ragged()
         runtime = self.owner.runtime
+        self.recall_plans.clear()  # they hold the offloaded positions
         for b in range(store.batch_size):
             for h in action.heads:
                 start, n = store.host_starts[b][h], store.host_lengths[b][h]
@@ -159,55 +164,35 @@ class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
                 self.host_resident[(b, h)] = n
 
     def recall(self, action: Recall) -> None:
-        """Write the recalled rows over the offloaded rows a head holds, in place.
+        """Write the recalled rows over the offloaded rows a head holds, in place; one host
+        read per action, no host wait for the copy (see ``recall.py``)."""
+        recall_rows(self, action)
 
-        Two host reads per action, whatever the number of heads: the lengths (they size the
-        copies), then one vector saying which heads changed and whether every position was
-        offloaded. A sequence whose trigger did not fire is handed its current set again
-        and moves no bytes. The per-head bookkeeping runs as a few batched ops over all
-        (sequence, head) pairs: on a GPU decode step it is launch overhead that costs.
-        """
+    def offloaded_view(self, heads: Sequence[int]) -> LayerCache:
+        """``Observation.offloaded``: the full KV ``heads`` held when they were offloaded,
+        read back from the host store into a padded [B, H', N, D] cache (the compute stream
+        waits for the copy; the host does not)."""
         store = self._make_ragged()
-        heads = list(action.heads)
-        lengths = action.selection.lengths.tolist()  # [B][H']
-        for b in range(store.batch_size):
+        heads = list(heads)
+        missing = [h for h in heads if any((b, h) not in self.host_positions for b in range(store.batch_size))]
+        if missing:
+            raise KeyError(f"layer {self.index}: heads {missing} were never offloaded")
+        batch, device = store.batch_size, store.kv.device
+        counts = [[self.host_positions[(b, h)].shape[0] for h in heads] for b in range(batch)]
+        width = max(1, max(map(max, counts)))
+        rows = torch.zeros(batch, len(heads), width, *store.kv.shape[1:], dtype=store.kv.dtype, device=device)
+        positions = torch.zeros(batch, len(heads), width, dtype=torch.int64, device=device)
+        requests = []
+        for b in range(batch):
             for i, h in enumerate(heads):
-                if (b, h) not in self.host_positions:
-                    raise ActionError(f"layer {self.index} head {h}: Recall without an earlier Offload")
-                if lengths[b][i] != self.host_resident[(b, h)]:
-                    raise ActionError(
-                        f"layer {self.index} head {h}: Recall of {lengths[b][i]} rows where "
-                        f"{self.host_resident[(b, h)]} offloaded rows are resident; the hf backend recalls into "
-                        "the same slots"
-                    )
-        device = store.positions.device
-        width = max(1, max(map(max, lengths)))
-        want = action.selection.indices[..., :width].to(device)  # [B, H', K]
-        k = torch.arange(want.shape[2], device=device)
-        valid = k < action.selection.lengths.to(device).unsqueeze(-1)  # [B, H', K]
-        host_pos = _stack_padded([[self.host_positions[(b, h)] for h in heads] for b in range(store.batch_size)])
-        rows = torch.searchsorted(host_pos, want).clamp(max=host_pos.shape[2] - 1)  # [B, H', K]
-        slots = store.starts[:, heads].unsqueeze(-1) + torch.minimum(k, (store.lengths[:, heads] - 1).clamp(min=0).unsqueeze(-1))
-        changed = ((store.positions[slots] != want) & valid).any(-1)  # [B, H']
-        missing = ((host_pos.gather(2, rows) != want) & valid).any()
-        flags = torch.cat([changed.flatten(), missing.reshape(1)]).tolist()
-        if flags[-1]:
-            raise ActionError(f"layer {self.index}: Recall names positions that were never offloaded")
-        moves = (changed.unsqueeze(-1) & valid)  # [B, H', K]
-        store.positions[slots[moves]] = want[moves]
-        requests, moved = [], set()
-        for b in range(store.batch_size):
-            for i, h in enumerate(heads):
-                if not flags[b * len(heads) + i]:
-                    continue
-                start, n = store.host_starts[b][h], lengths[b][i]
-                requests.append(((self.owner.cache_id, self.index, b, h), rows[b, i, :n], store.kv[start : start + n]))
-                moved.add(b)
-        if requests:
-            self.owner.runtime.wait(self.owner.runtime.recall_many(requests))
-            self.owner.recalls += 1
-            for b in moved:
-                self.owner.sequence_recalls[b] = self.owner.sequence_recalls.get(b, 0) + 1
+                n = counts[b][i]
+                requests.append(((self.owner.cache_id, self.index, b, h), torch.arange(n), rows[b, i, :n]))
+                positions[b, i, :n] = self.host_positions[(b, h)]
+        runtime = self.owner.runtime
+        runtime.wait(runtime.recall_many(requests))
+        lengths = torch.tensor(counts, dtype=torch.int64, device=device)
+        return LayerCache(keys=rows[..., 0, :], values=rows[..., 1, :], positions=positions, lengths=lengths,
+                          starts=self.owner.starts)  # fmt: skip
 
 
 class HeadwiseCache(compat.Cache):
@@ -226,14 +211,20 @@ class HeadwiseCache(compat.Cache):
         device: torch.device,
         headroom: int = 64,
         record_window: int | None = 0,
+        reuse_resident: bool = True,
     ) -> None:
         """policy: None keeps everything. headroom: spare rows per head for appends before
         a ragged layer regrows. record_window: prompt queries kept per layer so ``fork`` can
-        replay the prefill for other policies (0 = none, None = all)."""
+        replay the prefill for other policies (0 = none, None = all). reuse_resident: a
+        Recall moves the rows a head already holds on the device and fetches only the others
+        from the host (fewer PCIe bytes, a few more device ops and a transient copy of the
+        recalled heads' rows); False fetches every row of a changed head from the host. Both
+        land the same bytes."""
         self.spec = spec
         self.policy = policy
         self.policy_needs = policy.requirements() if policy is not None else Requirements()
         self.headroom = headroom
+        self.reuse_resident = reuse_resident
         self.starts: torch.Tensor | None = None  # [B] left padding, None without
         self.prompt_length: int | None = None
         self.recalls = 0  # Recall actions that moved bytes
@@ -282,7 +273,8 @@ class HeadwiseCache(compat.Cache):
                 f"{describe(self.record_window)}"
             )
         other = HeadwiseCache(
-            self.spec, policy, device=self.runtime.device, headroom=self.headroom if headroom is None else headroom
+            self.spec, policy, device=self.runtime.device, headroom=self.headroom if headroom is None else headroom,
+            reuse_resident=self.reuse_resident,
         )
         other.starts, other.prompt_length = self.starts, self.prompt_length
         for mine, theirs in zip(self.layers, other.layers):
@@ -343,16 +335,3 @@ def _covers(recorded: int | None, needed: int | None) -> bool:
     if recorded is None:
         return True
     return needed is not None and needed <= recorded
-
-
-def _stack_padded(rows: list[list[torch.Tensor]]) -> torch.Tensor:
-    """[B][H'] ascending 1-D position tensors -> [B, H', N] (shorter ones padded with int64
-    max, so searchsorted over a row never lands in the padding for a real position)."""
-    width = max(t.shape[0] for row in rows for t in row)
-    flat = [t for row in rows for t in row]
-    if all(t.shape[0] == width for t in flat):
-        return torch.stack(flat).reshape(len(rows), len(rows[0]), width)
-    big = torch.iinfo(torch.int64).max
-    return torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[0]), value=big) for t in flat]).reshape(
-        len(rows), len(rows[0]), width
-    )

@@ -42,6 +42,7 @@ class RaggedKV:
         device = kv.device
         self.starts = torch.tensor(starts, dtype=torch.int64, device=device)  # [B, H]
         self.lengths = torch.tensor(lengths, dtype=torch.int64, device=device)  # [B, H]
+        self._head_index: dict[tuple[int, ...], torch.Tensor] = {}  # heads -> [H'] on the device
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -98,17 +99,30 @@ class RaggedKV:
             rows = self.kv[start : start + n]  # [n, 2, D]
             return LayerCache(
                 keys=rows[None, None, :, 0], values=rows[None, None, :, 1],
-                positions=self.positions[start : start + n][None, None], lengths=self.lengths[:, heads],
+                positions=self.positions[start : start + n][None, None],
+                lengths=self.lengths[:, heads[0] : heads[0] + 1],
             )  # fmt: skip
         starts, lengths = self.starts, self.lengths
         if heads is not None:
-            starts, lengths = starts[:, heads], lengths[:, heads]
+            starts, lengths = self.take_heads(starts, heads), self.take_heads(lengths, heads)
         width = max(1, self.max_length)
         i = torch.arange(width, device=self.kv.device)
         # clamp keeps padding reads inside the segment; those rows are masked by lengths
         rows = starts.unsqueeze(-1) + torch.minimum(i, (lengths - 1).clamp(min=0).unsqueeze(-1))  # [B, H', W]
         kv = self.kv[rows]  # [B, H', W, 2, D]
         return LayerCache(keys=kv[..., 0, :], values=kv[..., 1, :], positions=self.positions[rows], lengths=lengths)
+
+    def take_heads(self, t: torch.Tensor, heads: list[int]) -> torch.Tensor:
+        """t[:, heads] for a [B, H, ...] device tensor without a host sync (indexing by a list
+        copies the list to the device and waits for the stream): a view for consecutive
+        heads, else an index kept on the device (made once per storage and head set)."""
+        cut = consecutive(heads)
+        if cut is not None:
+            return t[:, cut]
+        index = self._head_index.get(tuple(heads))
+        if index is None:
+            index = self._head_index[tuple(heads)] = torch.tensor(heads, device=t.device)
+        return t.index_select(1, index)
 
     # -- writing ------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, first_position: int, headroom: int) -> "RaggedKV":
@@ -151,6 +165,13 @@ class RaggedKV:
             for i, h in enumerate(heads):
                 new_lengths[b][h] = lengths[b][i]
         return RaggedKV.from_rows(kv_rows, pos_rows, new_lengths, headroom)
+
+
+def consecutive(heads: list[int] | tuple[int, ...]) -> slice | None:
+    """``heads`` as a slice when they are consecutive and ascending, else None."""
+    if heads and all(b == a + 1 for a, b in zip(heads, heads[1:])):
+        return slice(heads[0], heads[0] + len(heads))
+    return None
 
 
 def _pad(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -58,7 +58,12 @@ def make_policy(name: str, spec: ModelSpec, compression: float) -> Any:
 
     if name == "full":
         return None
-    return build_policy(name, compression, profile=llama_like_profile(spec))
+    policy = build_policy(name, compression, profile=llama_like_profile(spec))
+    # the engine decodes one token per step: a refresh on a chunk of new tokens (HeteroCache)
+    # never fires here and would only park the anchors' full KV on the host
+    if attrs.has(type(policy)) and "refresh" in {f.name for f in attrs.fields(type(policy))}:
+        policy = attrs.evolve(policy, refresh=False)
+    return policy
 
 
 def bandwidth(device: torch.device, nbytes: int) -> float:

@@ -254,27 +254,34 @@ class Engine:
 
     def _observe(self, layer: int, queries: torch.Tensor, first_step: int) -> None:
         """The policy's decode call for ``layer``: queries [B, H_q, N, D] of steps first_step.."""
+        obs = self._observation(layer, queries, first_step)
+        if obs is not None:
+            self.executor.apply(list(self.policy.decode(obs)))
+
+    def _observation(self, layer: int, queries: torch.Tensor, first_step: int) -> Observation | None:
         heads = self.policy.observed_heads(layer)
         if heads is not None and len(heads) == 0:
-            return
+            return None
         heads = None if heads is None else list(heads)
         if self.query_hook is not None:
             queries = self.query_hook(layer, first_step, queries)
         n = queries.shape[2]
         positions = self.prompt_length + first_step + torch.arange(n, dtype=torch.int64, device=self.device)
-        obs = Observation(
+        return Observation(
             phase=Phase.DECODE, layer=layer, queries=queries, query_positions=positions,
             cache=self.kv.view(layer, heads, starts=self.starts), prompt_length=self.prompt_length,
-            step=first_step, heads=heads,
+            step=first_step, heads=heads, recorded=True,
         )  # fmt: skip
-        self.executor.apply(list(self.policy.decode(obs)))
 
     def _observe_recorded(self) -> None:
-        """After a step that completes a period: the policy reads each layer's recorded queries."""
+        """After a step that completes a period: the policy sees every layer's recorded
+        queries in one call (``Policy.decode_layers``), then each layer's actions apply."""
         queries = self.observer.queries(self.batch)  # [N, B, H_q, period, D]
         first = self.observer.first_step(self.step)
-        for layer in range(self.mc.num_layers):
-            self._observe(layer, queries[layer], first)
+        observations = [self._observation(layer, queries[layer], first) for layer in range(self.mc.num_layers)]
+        observations = [obs for obs in observations if obs is not None]
+        for actions in self.policy.decode_layers(observations):
+            self.executor.apply(list(actions))
 
     # -- generate ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -60,7 +60,7 @@ class PagedExecutor(ActionExecutor):
         kv = self.kv
         width = max(1, int(kv.host_lengths[layer][:, heads].max()))
         entries = torch.arange(width, device=kv.device)
-        lengths = kv.lengths[layer][:, heads].unsqueeze(-1)  # [B, H', 1]
+        lengths = kv.lengths[layer][:, kv.head_index(heads)].unsqueeze(-1)  # [B, H', 1]
         rows = kv.rows(layer, torch.minimum(entries, (lengths - 1).clamp(min=0)).expand(*lengths.shape[:2], width), heads)
         sortable = kv.positions[rows].masked_fill(entries >= lengths, _BIG)  # [B, H', W] ascending
         want = selection.indices.to(kv.device).contiguous()

@@ -45,6 +45,7 @@ class PagedKV:
         self._host_table = torch.zeros(*shape, max_pages_per_head, dtype=torch.int64)
         self._host_pages = torch.zeros(shape, dtype=torch.int64)  # pages each head holds
         self._host_lengths = torch.zeros(shape, dtype=torch.int64)
+        self._head_indices: dict[tuple[int, ...], torch.Tensor] = {}
 
     def start(self, batch_size: int) -> None:
         """Serve ``batch_size`` sequences (<= max_batch); every page must be free."""
@@ -139,9 +140,21 @@ class PagedKV:
     # -- rows ----------------------------------------------------------------------------------
     def rows(self, layer: int, entries: torch.Tensor, heads: list[int] | None = None) -> torch.Tensor:
         """Pool rows of entries [B, H', K] (int64, device) of ``heads`` of ``layer``."""
-        table = self.page_table[layer] if heads is None else self.page_table[layer][:, heads]  # [B, H', M]
+        table = self.page_table[layer] if heads is None else self.page_table[layer][:, self.head_index(heads)]
         page = table.gather(-1, (entries // self.page_size).clamp(max=self.max_pages - 1))
         return page * self.page_size + entries % self.page_size
+
+    def head_index(self, heads: list[int]) -> slice | torch.Tensor:
+        """An index of KV heads for device tensors that costs no host sync: a slice for a
+        run of heads, else a cached device tensor (indexing a CUDA tensor with a Python list
+        uploads the list from pageable memory, which waits for the GPU)."""
+        if heads and heads == list(range(heads[0], heads[-1] + 1)):
+            return slice(heads[0], heads[-1] + 1)
+        key = tuple(heads)
+        index = self._head_indices.get(key)
+        if index is None:
+            index = self._head_indices[key] = torch.tensor(heads, dtype=torch.int64, device=self.device)
+        return index
 
     def contiguous_run(self, layer: int, b: int, h: int, entries: int) -> int | None:
         """First pool row of head (layer, b, h)'s first ``entries`` entries when they are one
@@ -189,7 +202,7 @@ class PagedKV:
             pos = self.positions.as_strided(shape, (sb, sh, 1), base)
             return kv[..., 0, :], kv[..., 1, :], pos
         entries = torch.arange(width, device=self.device).expand(self.batch_size, len(heads), width)
-        lengths = self.lengths[layer][:, heads].unsqueeze(-1)
+        lengths = self.lengths[layer][:, self.head_index(heads)].unsqueeze(-1)
         entries = torch.minimum(entries, (lengths - 1).clamp(min=0))  # padding re-reads a real row
         rows = self.rows(layer, entries, heads)  # [B, H', W]
         kv = self.kv[rows]  # [B, H', W, 2, D]
@@ -199,7 +212,7 @@ class PagedKV:
         """The device KV of ``heads`` of ``layer`` as a padded LayerCache (see entries_view)."""
         idx = list(range(self.num_kv_heads)) if heads is None else list(heads)
         keys, values, positions = self.entries_view(layer, idx)
-        lengths = self.lengths[layer][:, idx]
+        lengths = self.lengths[layer][:, self.head_index(idx)]
         return LayerCache(keys=keys, values=values, positions=positions, lengths=lengths, starts=starts)
 
     def prefill_view(self, layer: int, starts: list[int], starts_tensor: torch.Tensor | None) -> LayerCache:

@@ -5,9 +5,11 @@ Llama-3.1-8B shape with random bf16 weights (speed does not depend on weight val
 
     PYTHONPATH=$PWD python3 -m hcpolicy.bench.hf_decode --out $OUT/hf_decode_h200.json
 
-Per context it reports the median per-token decode latency (CUDA events around each
-forward), peak GPU memory during decode, device KV bytes, host bytes and recalls, and the
-floor: (weights + device KV bytes) / HBM bandwidth measured in the same run.
+Per context it reports the median and mean per-token decode latency (CUDA events around
+each forward; HeteroCache also the decision steps, where it scores and recalls, apart),
+peak GPU memory during decode, device KV bytes, host bytes, recalls and the bytes they
+moved over PCIe, and the floor: (weights + device KV bytes) / HBM bandwidth measured in the
+same run.
 """
 
 from __future__ import annotations
@@ -136,12 +138,14 @@ def fill_compressed(cache: Any, length: int, seed: int = 1) -> None:
         del k, v
 
 
-def run_heterocache(model: Any, length: int, steps: int, warmup: int, compression: float) -> dict[str, Any]:
+def run_heterocache(
+    model: Any, length: int, steps: int, warmup: int, compression: float, reuse_resident: bool = True
+) -> dict[str, Any]:
     from hcpolicy.backends.hf import HFBackend
 
     backend = HFBackend(model)
     policy = HeteroCachePolicy(profile=llama_like_profile(backend.spec), compression=compression)
-    cache = backend.new_cache(policy, headroom=warmup + steps + 1)
+    cache = backend.new_cache(policy, headroom=warmup + steps + 1, reuse_resident=reuse_resident)
     cache.prompt_length = length
     t0 = time.perf_counter()
     fill_compressed(cache, length)
@@ -156,8 +160,15 @@ def run_heterocache(model: Any, length: int, steps: int, warmup: int, compressio
             model(token, **{cache_kwarg(model): cache}, position_ids=torch.tensor([[length + i]], device="cuda"))
 
     with backend.attach():
+        h2d_before = cache.runtime.counters().h2d_bytes
         times = time_decode(step, steps, warmup)
+        h2d = cache.runtime.counters().h2d_bytes - h2d_before
+    period = policy.trigger.period or 0  # decision steps: decode steps i with (i + 1) % period == 0
+    decision = [t for i, t in enumerate(times, warmup) if period and (i + 1) % period == 0]
+    other = [t for i, t in enumerate(times, warmup) if not (period and (i + 1) % period == 0)]
     return {
+        "decision_steps_ms": decision, "other_steps_ms_mean": statistics.mean(other) if other else None,
+        "h2d_bytes_timed": h2d,
         "ms_per_token": statistics.median(times), "ms_all": times, "kv_bytes_device": cache.kv_bytes_device(),
         "kv_bytes_full": cache.kv_bytes_full(2), "host_bytes": cache.host_bytes(), "recalls": cache.recalls,
         "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "compress_s": compress_s,
@@ -173,6 +184,9 @@ def main() -> None:
     # of the recall gather kernel, happen before timing starts
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--compression", type=float, default=0.5)
+    parser.add_argument("--no-reuse-resident", dest="reuse_resident", action="store_false",
+                        help="recalls fetch every row from the host (default: rows a satellite already "
+                        "holds move on the device)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     import transformers
@@ -187,15 +201,17 @@ def main() -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "command": "PYTHONPATH=$PWD python3 -m hcpolicy.bench.hf_decode --out $OUT/hf_decode_h200.json",
-        "hbm_bytes_per_s": bandwidth, "weight_bytes": weight_bytes, "contexts": {},
+        "command": "PYTHONPATH=$PWD python3 -m hcpolicy.bench.hf_decode --out $OUT/hf_decode_h200.json"
+        + ("" if args.reuse_resident else " --no-reuse-resident"),
+        "hbm_bytes_per_s": bandwidth, "weight_bytes": weight_bytes, "reuse_resident": args.reuse_resident,
+        "contexts": {},
     }  # fmt: skip
     print(f"HBM copy {bandwidth / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.1f} GB")
     for length in contexts:
         row: dict[str, Any] = {}
         for name, fn in (("dynamic", lambda: run_dynamic(model, length, args.steps, args.warmup)),
                          ("heterocache", lambda: run_heterocache(model, length, args.steps, args.warmup,
-                                                                 args.compression))):  # fmt: skip
+                                                                 args.compression, args.reuse_resident))):  # fmt: skip
             torch.cuda.empty_cache()
             r = fn()
             r["floor_ms"] = (weight_bytes + r["kv_bytes_device"]) / bandwidth * 1e3
@@ -211,7 +227,8 @@ def main() -> None:
               f"heterocache {row['heterocache']['ms_per_token']:.1f} ms (mean {row['heterocache']['ms_mean']:.1f}, "
               f"max {max(row['heterocache']['ms_all']):.1f}) x{row['speedup']:.2f}, KV ratio {row['kv_ratio']:.3f}, "
               f"peak {row['dynamic']['peak_gb']:.1f} vs {row['heterocache']['peak_gb']:.1f} GB, "
-              f"recalls {row['heterocache']['recalls']}")  # fmt: skip
+              f"recalls {row['heterocache']['recalls']}, decision steps "
+              f"{[round(t, 1) for t in row['heterocache']['decision_steps_ms']]} ms")  # fmt: skip
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
 

@@ -42,6 +42,13 @@ class Policy(ABC):
         """Actions for one layer at one decode step (default: none)."""
         return ()
 
+    def decode_layers(self, observations: Sequence[Observation]) -> list[Sequence[Action]]:
+        """``decode`` for several layers of one step at once (observations in layer order),
+        as a backend that sees a whole step together calls it (the engine's CUDA-graph step).
+        Returns each layer's actions. Override to batch the layers' work; the default calls
+        ``decode`` layer by layer."""
+        return [self.decode(obs) for obs in observations]
+
     def observed_heads(self, layer: int) -> Sequence[int] | None:
         """KV heads whose device KV ``decode`` reads at ``layer`` (None = all; empty = none,
         and then ``decode`` is not called for that layer). Narrowing it saves backends

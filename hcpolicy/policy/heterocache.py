@@ -7,6 +7,11 @@ of them (each measured against the faithful mode):
 - recall: satellite i takes its pivot's top-l_i tokens by score, not the first l_i of the
   position-sorted top-max(l) candidates;
 - trigger: each sequence of a batch decides on its own, not on the batch-averaged overlap.
+It also adds one step the paper does not have (``refresh``, on unless faithful): when
+several tokens arrive in one forward after prefill (a question appended to a compressed
+context), every compressed head (anchors and satellites, all offloaded for it) re-selects
+its budget by its own attention of those tokens over its full prompt KV, read back from
+the host store, and recalls it; the pivots' monitors restart from the newest token.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from hcpolicy.scores import Reduce, attention_weights, group_reduce, pool1d, top
 from hcpolicy.spec import ModelSpec
 
 
+SCORING_BYTES = 1 << 30  # decode_layers scores as many pivots at once as fit their float32 keys in this
+
+
 @attrs.define(kw_only=True)
 class HeteroCachePolicy(Policy):
     """HeteroCache: role-aware budgets, host offload of satellites, drift-triggered recall."""
@@ -39,6 +47,7 @@ class HeteroCachePolicy(Policy):
     gqa: Reduce = attrs.field(default="max", validator=attrs.validators.in_(("mean", "max", "sum")))
     monitor_k: int | None = attrs.field(default=None)
     faithful: bool = False
+    refresh: bool = attrs.field(default=attrs.Factory(lambda self: not self.faithful, takes_self=True))
     _allocator: InverseStabilityAllocator = attrs.field(init=False, repr=False)
     _spec: ModelSpec | None = attrs.field(default=None, init=False, repr=False)
     _satellite_sets: dict = attrs.field(factory=dict, init=False, repr=False)
@@ -46,6 +55,7 @@ class HeteroCachePolicy(Policy):
     _monitor_k: int = attrs.field(default=1, init=False, repr=False)
     _pending: dict = attrs.field(factory=dict, init=False, repr=False)
     _widths: dict = attrs.field(factory=dict, init=False, repr=False)
+    _compressed: dict = attrs.field(factory=dict, init=False, repr=False)  # layer -> (heads, budgets [B, H'])
     recalls: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -63,12 +73,13 @@ class HeteroCachePolicy(Policy):
 
     def requirements(self) -> Requirements:
         """The trigger decides every ``period`` steps (``decode`` buffers until then, so
-        batched observations of ``period`` queries act the same); without a period the
-        policy never acts while decoding and needs no decode observations."""
+        batched observations of ``period`` queries act the same); without a period and
+        without ``refresh`` the policy never acts while decoding and needs no decode
+        observations."""
         period = self.trigger.period
         return Requirements(
             actions={Select, Offload, Recall}, per_head_lengths=True, query_window=1,
-            decode_observations=period is not None, decode_period=period or 1,
+            decode_observations=period is not None or self.refresh, decode_period=period or 1,
         )  # fmt: skip
 
     def reset(self, spec: ModelSpec, batch_size: int) -> None:
@@ -78,6 +89,7 @@ class HeteroCachePolicy(Policy):
         self._budgets.clear()
         self._pending.clear()
         self._widths.clear()
+        self._compressed.clear()
         self.trigger.reset()
         self.recalls = 0
 
@@ -94,8 +106,13 @@ class HeteroCachePolicy(Policy):
         compressed = [h for h, r in enumerate(roles) if not r.full]
         satellites = self.profile.heads(layer, Role.SATELLITE)
         actions: list[Action] = []
-        if satellites:
-            actions.append(Offload(layer=layer, heads=range(len(roles)) if self.faithful else satellites))
+        if self.faithful:
+            offload = range(len(roles)) if satellites else ()
+        else:
+            offload = compressed if self.refresh else satellites
+        if offload:
+            actions.append(Offload(layer=layer, heads=offload))
+        self._compressed[layer] = (compressed, budgets[:, compressed])
         if compressed:
             idx = torch.tensor(compressed, device=scores.device)
             selection = topk_selection(
@@ -115,7 +132,16 @@ class HeteroCachePolicy(Policy):
 
     # -- decode -------------------------------------------------------------------------------
     def observed_heads(self, layer: int) -> tuple[int, ...]:
-        """Only the pivots that monitor satellites are read while decoding."""
+        """Only the pivots that monitor satellites are read while decoding; with ``refresh``,
+        a layer with compressed heads but no monitor names its first compressed head, so
+        that its decode call (for a chunk) still comes."""
+        monitors = self._monitors(layer)
+        if monitors or not self.refresh:
+            return monitors
+        compressed = [h for h, r in enumerate(self.profile.roles[layer]) if not r.full]
+        return tuple(compressed[:1])
+
+    def _monitors(self, layer: int) -> tuple[int, ...]:
         return tuple(p for p, sats in self.profile.clusters[layer].items() if sats)
 
     def decode(self, obs: Observation) -> Sequence[Action]:
@@ -124,6 +150,8 @@ class HeteroCachePolicy(Policy):
         order (the reference buffers W queries the same way). Several new tokens at once
         (a question appended after prefill) count as that many steps."""
         spec = self._require_reset(self._spec)
+        if self.refresh and obs.queries.shape[2] > 1 and not obs.recorded and obs.offloaded is not None:
+            return self._refresh(obs)
         actions: list[Action] = []
         period = self.trigger.period
         if period is None:
@@ -153,12 +181,85 @@ class HeteroCachePolicy(Policy):
             # one host read per pivot every W steps: whether to emit an action is a host decision
             if fired is None or not bool(fired.any()):
                 continue
-            fresh = self._satellite_selection(newest[0], self._budgets[key], newest[1], self._widths[key])
-            merged = _merge(fired, fresh, self._satellite_sets[key])
-            self._satellite_sets[key] = merged
-            self.recalls += 1
-            actions.append(Recall(layer=obs.layer, heads=sats, selection=merged))
+            actions.append(self._recall(key, fired, *newest))
         return actions
+
+    def _refresh(self, obs: Observation) -> list[Action]:
+        """A chunk of new tokens: each compressed head keeps the top of its own attention of
+        the chunk (max over its tokens, group-folded, pooled) over its full prompt KV, with
+        the budget it got at prefill; monitors restart from the chunk's newest token."""
+        spec = self._require_reset(self._spec)
+        layer, g = obs.layer, spec.group_size
+        compressed, budgets = self._compressed[layer]
+        if not compressed:
+            return []
+        full = obs.offloaded(compressed)  # [B, H', N, D]
+        q_heads = torch.tensor([h * g + j for h in compressed for j in range(g)], device=obs.queries.device)
+        weights = attention_weights(obs.queries[:, q_heads], obs.query_positions, full).amax(dim=2)  # [B, H'G, N]
+        scores = pool1d(group_reduce(weights, len(compressed), self.gqa), self.pool_kernel, mask=full.valid())
+        selection = topk_selection(scores, budgets, full.positions, full.valid())
+        for pivot, sats in self.profile.clusters[layer].items():
+            if not sats:
+                continue
+            key = (layer, pivot)
+            self._satellite_sets[key] = _subset(selection, [compressed.index(s) for s in sats])
+            self._pending[key] = []
+            prompt = _prompt_view(obs.cache, obs.head_index(pivot), obs.prompt_length)
+            newest = self._scores(obs.queries[:, pivot * g : (pivot + 1) * g, -1:], obs.query_positions[-1:], prompt)
+            self.trigger.set_reference(key, topk_sets(newest[:, -1], self._monitor_k))
+        self.recalls += 1
+        return [Recall(layer=layer, heads=compressed, selection=selection)]
+
+    def _recall(self, key: tuple[int, int], fired: torch.Tensor, scores: torch.Tensor,
+                positions: torch.Tensor) -> Recall:  # fmt: skip
+        """The satellites of pivot ``key`` take the pivot's newest scores [B, L] (positions
+        [B, L]) where ``fired`` [B], and keep their selection elsewhere."""
+        fresh = self._satellite_selection(scores, self._budgets[key], positions, self._widths[key])
+        merged = _merge(fired, fresh, self._satellite_sets[key])
+        self._satellite_sets[key] = merged
+        self.recalls += 1
+        return Recall(layer=key[0], heads=self.profile.clusters[key[0]][key[1]], selection=merged)
+
+    def decode_layers(self, observations: Sequence[Observation]) -> list[Sequence[Action]]:
+        """Every layer of one decision step together (the engine's CUDA-graph step): all
+        monitoring pivots' windows are scored as one batch and the trigger's answers come
+        back in one host read, not one per pivot. The same decisions as ``decode`` layer by
+        layer, to which it falls back unless each layer brings exactly one whole window,
+        nothing is buffered and the layers share a prompt length and a step."""
+        spec = self._require_reset(self._spec)
+        period = self.trigger.period
+        keys = [(obs, p) for obs in observations for p in self._monitors(obs.layer)]
+        if (
+            period is None or not keys
+            or any(obs.queries.shape[2] != period or self._pending.get((obs.layer, p)) for obs, p in keys)
+            or len({(obs.prompt_length, obs.step) for obs in observations}) != 1
+        ):  # fmt: skip
+            return super().decode_layers(observations)
+        views = [_prompt_view(obs.cache, obs.head_index(p), obs.prompt_length) for obs, p in keys]
+        if len({v.keys.shape for v in views}) != 1:
+            return super().decode_layers(observations)
+        g, step, length = spec.group_size, observations[0].step, observations[0].prompt_length
+        b = observations[0].queries.shape[0]
+        chunk = max(1, SCORING_BYTES // max(1, views[0].keys.numel() * 4))  # pivots scored together
+        fired: list[torch.Tensor] = []  # [n, B] per scoring batch
+        newest: list[torch.Tensor] = []  # [B, L] per pivot
+        for lo in range(0, len(keys), chunk):
+            part = keys[lo : lo + chunk]
+            queries = torch.cat([obs.queries[:, p * g : (p + 1) * g] for obs, p in part])
+            cache = _stack_views(views[lo : lo + chunk])  # pivots folded into the batch dim
+            last = torch.full((period,), length, device=queries.device)
+            scores = self._scores(queries, last, cache)  # [n*B, W, L]
+            sets = topk_sets(scores, self._monitor_k)  # [n*B, W, k]
+            monitors = [(obs.layer, p) for obs, p in part]
+            fired.append(self.trigger.observe_windows(monitors, step, sets.unflatten(0, (len(part), b)), length))
+            newest.extend(scores[:, -1].unflatten(0, (len(part), b)))
+        fired_all = torch.cat(fired)  # [P, B]
+        hits = fired_all.any(dim=1).tolist()  # the one host read of the step: which pivots fired
+        actions: dict[int, list[Action]] = {obs.layer: [] for obs in observations}
+        for (obs, pivot), hit, now, scores, view in zip(keys, hits, fired_all, newest, views):
+            if hit:
+                actions[obs.layer].append(self._recall((obs.layer, pivot), now, scores, view.positions[:, 0]))
+        return [actions[obs.layer] for obs in observations]
 
     def _satellite_selection(
         self, scores: torch.Tensor, budgets: torch.Tensor, positions: torch.Tensor, width: int
@@ -167,8 +268,19 @@ class HeteroCachePolicy(Policy):
         the largest budget (host int)."""
         b, s = budgets.shape
         if not self.faithful:
-            expand = scores.unsqueeze(1).expand(b, s, -1)  # [B, S, L]
-            return topk_selection(expand, budgets, positions.unsqueeze(1).expand(b, s, -1), width=width)
+            # satellite i takes the top-l_i of one ranking: what topk_selection gives for S
+            # copies of the row (ties to the lower index), from one sort instead of S
+            length = scores.shape[-1]
+            w = min(width, length)
+            lengths = budgets.to(scores.device).clamp(min=0, max=length).to(torch.int64)  # [B, S]
+            order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :w]  # [B, w]
+            picked, rank = torch.sort(positions.gather(-1, order), dim=-1)  # [B, w] ascending, their ranks
+            dropped = (rank.unsqueeze(1) >= lengths.unsqueeze(-1)).to(torch.uint8)  # [B, S, w]
+            # each satellite's kept entries to its front, in position order (a one-byte key)
+            front = torch.sort(dropped, dim=-1, stable=True).indices  # [B, S, w]
+            indices = picked.unsqueeze(1).expand(b, s, w).gather(-1, front)  # [B, S, w]
+            pad = torch.arange(w, device=indices.device) >= lengths.unsqueeze(-1)  # [B, S, w]
+            return Selection(indices=indices.masked_fill(pad, 0), lengths=lengths)
         # reference: top-max(l) candidates sorted by position; satellite i takes the first l_i
         widest = budgets.max(dim=1, keepdim=True).values  # [B, 1]
         cand = topk_selection(scores.unsqueeze(1), widest, positions.unsqueeze(1), width=width)  # [B, 1, K]
@@ -178,12 +290,18 @@ class HeteroCachePolicy(Policy):
     def _last_token_scores(self, queries: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """Pooled, group-folded attention of one query row: [B, H_q', 1, D] -> [B, H_kv', L]."""
         w = attention_weights(queries, positions, cache)[:, :, 0]  # [B, H_q', L]
-        return pool1d(group_reduce(w, cache.num_kv_heads, self.gqa), self.pool_kernel)
+        return pool1d(group_reduce(w, cache.num_kv_heads, self.gqa), self.pool_kernel, mask=_padding(cache))
 
     def _scores(self, queries: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """One pivot's pooled, group-folded attention of W queries: [B, G, W, D] -> [B, W, L]."""
         w = attention_weights(queries, positions, cache)  # [B, G, W, L]
-        return pool1d(group_reduce(w, 1, self.gqa)[:, 0], self.pool_kernel)
+        return pool1d(group_reduce(w, 1, self.gqa)[:, 0], self.pool_kernel, mask=_padding(cache))  # mask [B, 1, L]
+
+
+def _padding(cache: LayerCache) -> torch.Tensor | None:
+    """What pooling must skip: under left padding the padded entries (they would smooth
+    their neighbours' scores with zeros), else None (no padding, the fast path)."""
+    return cache.valid() if cache.starts is not None else None
 
 
 def _merge(fired: torch.Tensor, fresh: Selection, old: Selection) -> Selection:
@@ -201,6 +319,20 @@ def _merge(fired: torch.Tensor, fresh: Selection, old: Selection) -> Selection:
 
 def _subset(selection: Selection, heads: list[int]) -> Selection:
     return Selection(indices=selection.indices[:, heads], lengths=selection.lengths[:, heads])
+
+
+def _stack_views(views: list[LayerCache]) -> LayerCache:
+    """One-head caches of equal shape -> one cache whose batch is theirs end to end, keys
+    in float32 (what scoring reads: one converting copy instead of a stack and a cast)."""
+    starts = views[0].starts
+    b = views[0].keys.shape[0]
+    keys = torch.empty((len(views) * b, *views[0].keys.shape[1:]), dtype=torch.float32, device=views[0].keys.device)
+    for i, v in enumerate(views):
+        keys[i * b : (i + 1) * b].copy_(v.keys)
+    return LayerCache(
+        keys=keys, positions=torch.cat([v.positions for v in views]),
+        lengths=torch.cat([v.lengths for v in views]), starts=None if starts is None else starts.repeat(len(views)),
+    )  # fmt: skip
 
 
 def _prompt_view(cache: LayerCache, head: int, prompt_length: int) -> LayerCache:

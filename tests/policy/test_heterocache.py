@@ -59,9 +59,11 @@ def test_prefill_budgets_selection_and_offload(faithful):
         actions = pol.prefill(prefill_obs(layer, q, k))
         offload = [a for a in actions if isinstance(a, Offload)]
         (select,) = [a for a in actions if isinstance(a, Select)]
-        sats = prof.heads(layer, Role.SATELLITE)
-        assert offload[0].heads == ((0, 1, 2, 3) if faithful else sats)
         compressed = [h for h, r in enumerate(prof.roles[layer]) if not r.full]
+        # faithful: every head of a layer with satellites; default: every compressed head
+        # (anchors too: a chunk after prefill refreshes them from the host)
+        assert offload[0].heads == ((0, 1, 2, 3) if faithful else tuple(compressed))
+        assert set(prof.heads(layer, Role.SATELLITE)) <= set(offload[0].heads)
         assert select.heads == tuple(compressed)  # full heads are never touched
         scores = naive_scores(q[0, :, 0], k[0])
         for i, h in enumerate(compressed):
@@ -110,7 +112,11 @@ def test_keep_heads_full_and_memory_follows_compression():
     pol = HeteroCachePolicy(profile=profile(), compression=0.75)
     cache, _, _ = simulate(pol, SPEC, batch_size=2, prompt_length=200, decode_steps=0)
     assert cache.device_tokens() == pytest.approx(0.75 * 2 * 8 * 200, rel=0.02)
-    assert cache.host_tokens() == 2 * 3 * 200  # three satellites offloaded in full
+    compressed = sum(not r.full for roles in pol.profile.roles for r in roles)
+    assert compressed == 4 and cache.host_tokens() == 2 * compressed * 200  # all offloaded in full (refresh)
+    pol = HeteroCachePolicy(profile=profile(), compression=0.75, refresh=False)
+    cache, _, _ = simulate(pol, SPEC, batch_size=2, prompt_length=200, decode_steps=0)
+    assert cache.host_tokens() == 2 * 3 * 200  # without refresh: the three satellites only
 
 
 def test_errors():

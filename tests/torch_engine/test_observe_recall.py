@@ -8,7 +8,7 @@ from engine_helpers import save, synthetic_profile, tiny_hf_model
 from hcpolicy.actions import Select, Selection
 from hcpolicy.backends.torch_engine import Engine, EngineConfig, load_checkpoint
 from hcpolicy.capabilities import Requirements
-from hcpolicy.drift import EveryN, Never
+from hcpolicy.drift import EveryN, Never, WindowedOverlap
 from hcpolicy.policy.base import Policy
 from hcpolicy.policy.heterocache import HeteroCachePolicy
 from hcpolicy.policy.quest import Quest
@@ -55,8 +55,10 @@ def test_requirements_report_the_trigger_period():
     needs = HeteroCachePolicy(profile=profile).requirements()
     assert needs.decode_observations and needs.decode_period == 5
     assert HeteroCachePolicy(profile=profile, trigger=EveryN(n=3)).requirements().decode_period == 3
-    never = HeteroCachePolicy(profile=profile, trigger=Never()).requirements()
+    never = HeteroCachePolicy(profile=profile, trigger=Never(), refresh=False).requirements()
     assert not never.decode_observations and never.decode_period == 1
+    # a chunk after prefill still needs the decode call when the policy refreshes on it
+    assert HeteroCachePolicy(profile=profile, trigger=Never()).requirements().decode_observations
     with pytest.raises(ValueError, match="decode_period"):
         Requirements(decode_period=0)
 
@@ -178,3 +180,36 @@ def test_config_errors(model):
     engine = engine_of(model, observe="deferred")
     with pytest.raises(ValueError, match="Attend views"):
         engine.generate(ids(30), 3, Quest(compression=0.5, page_size=8))
+
+
+class LayerByLayer(HeteroCachePolicy):
+    """HeteroCache without the batched decision step: ``decode`` once per layer."""
+
+    def decode_layers(self, observations):
+        return Policy.decode_layers(self, observations)
+
+
+@pytest.mark.parametrize("trigger", [WindowedOverlap(tau=0.9), EveryN(n=3)], ids=["windowed", "every3"])
+@pytest.mark.parametrize("pivots_at_once", [1, None], ids=["chunked", "all"])
+def test_batched_decision_step_decides_as_layer_by_layer(model, trigger, pivots_at_once, monkeypatch):
+    """The deferred step's one-call decision (every pivot of every layer scored together,
+    one host read) gives the same recalls, rows and tokens as calling decode per layer;
+    a batch of two lengths covers left padding."""
+    import hcpolicy.policy.heterocache as hc
+
+    if pivots_at_once == 1:
+        monkeypatch.setattr(hc, "SCORING_BYTES", 1)  # one pivot per scoring batch
+    outs, calls = [], []
+    for cls in (LayerByLayer, HeteroCachePolicy):
+        engine = engine_of(model, observe="deferred")
+        policy = cls(profile=synthetic_profile(engine.spec), compression=0.6, trigger=trigger)
+        decode = policy.decode
+        policy.decode = lambda obs, decode=decode: calls.append(cls) or decode(obs)
+        prompts = [ids(80, seed=4)[0].tolist(), ids(61, seed=5)[0].tolist()]
+        out = engine.generate(prompts, NEW, policy)
+        outs.append((out, engine.executor.recalls, engine.executor.recalled_rows, policy.recalls))
+    (a, *ra), (b, *rb) = outs
+    assert ra[0] > 0  # the comparison covered recalls
+    assert torch.equal(a.tokens, b.tokens) and torch.allclose(a.logits, b.logits, atol=1e-6)
+    assert ra == rb
+    assert calls.count(LayerByLayer) > 0 and calls.count(HeteroCachePolicy) == 0  # the batched path ran
