@@ -48,6 +48,7 @@ class HeteroCachePolicy(Policy):
     monitor_k: int | None = attrs.field(default=None)
     faithful: bool = False
     refresh: bool = attrs.field(default=attrs.Factory(lambda self: not self.faithful, takes_self=True))
+    prefill_window: int = attrs.field(default=1, validator=positive)
     _allocator: InverseStabilityAllocator = attrs.field(init=False, repr=False)
     _spec: ModelSpec | None = attrs.field(default=None, init=False, repr=False)
     _satellite_sets: dict = attrs.field(factory=dict, init=False, repr=False)
@@ -78,7 +79,7 @@ class HeteroCachePolicy(Policy):
         observations."""
         period = self.trigger.period
         return Requirements(
-            actions={Select, Offload, Recall}, per_head_lengths=True, query_window=1,
+            actions={Select, Offload, Recall}, per_head_lengths=True, query_window=self.prefill_window,
             decode_observations=period is not None or self.refresh, decode_period=period or 1,
         )  # fmt: skip
 
@@ -97,7 +98,8 @@ class HeteroCachePolicy(Policy):
     def prefill(self, obs: Observation) -> Sequence[Action]:
         spec = self._require_reset(self._spec)
         layer, length = obs.layer, obs.prompt_length
-        scores = self._last_token_scores(obs.queries[:, :, -1:], obs.query_positions[-1:], obs.cache)  # [B, H_kv, L]
+        w = min(self.prefill_window, obs.queries.shape[2])
+        scores = self._last_token_scores(obs.queries[:, :, -w:], obs.query_positions[-w:], obs.cache)  # [B, H_kv, L]
         budgets = sequence_budgets(
             self._allocator, spec, layer, self.compression, length, scores, obs.cache.starts
         )  # [B, H_kv]
@@ -288,8 +290,9 @@ class HeteroCachePolicy(Policy):
         return Selection(indices=indices, lengths=torch.minimum(budgets, cand.lengths))
 
     def _last_token_scores(self, queries: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-        """Pooled, group-folded attention of one query row: [B, H_q', 1, D] -> [B, H_kv', L]."""
-        w = attention_weights(queries, positions, cache)[:, :, 0]  # [B, H_q', L]
+        """Pooled, group-folded attention of the last prompt queries (max over them):
+        [B, H_q', Q, D] -> [B, H_kv', L]."""
+        w = attention_weights(queries, positions, cache).amax(dim=2)  # [B, H_q', L]
         return pool1d(group_reduce(w, cache.num_kv_heads, self.gqa), self.pool_kernel, mask=_padding(cache))
 
     def _scores(self, queries: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:

@@ -157,3 +157,37 @@ def test_per_sequence_recall_with_left_padding():
     sel = recall.selection.as_lists()
     assert all(p >= 11 for head in sel[1] for p in head)  # never a pad slot
     assert len(sel[1][0]) < len(sel[0][0])  # the shorter sequence has the smaller budget
+
+
+def test_prefill_window_takes_the_max_over_the_last_prompt_queries():
+    """prefill_window=W: compressed heads keep the top of the max attention over the last W
+    prompt queries (each causal), group-maxed and pooled; W=1 is the paper's last token."""
+    prof, w = profile(), 3
+    pol = HeteroCachePolicy(profile=prof, compression=0.7, prefill_window=w)
+    assert pol.requirements().query_window == w
+    pol.reset(SPEC, 1)
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 8, w, 16, generator=gen)
+    k = torch.randn(1, 4, L, 16, generator=gen)
+    obs = Observation(
+        phase=Phase.PREFILL, layer=1, queries=q, query_positions=torch.arange(L - w, L),
+        cache=LayerCache.dense(k), prompt_length=L,
+    )  # fmt: skip
+    (select,) = [a for a in pol.prefill(obs) if isinstance(a, Select)]
+    # naive: per query row, softmax over the keys it may see, then the max over rows, group, pool
+    rows = torch.zeros(8, L, dtype=torch.float64)
+    for i in range(w):
+        visible = L - w + i + 1
+        logits = q[0, :, i].double() @ k[0].double().repeat_interleave(2, 0).transpose(1, 2) / 4.0  # [8, 8, L]
+        logits = torch.diagonal(logits, dim1=0, dim2=1).T  # [8, L]: query head j against its KV head j // 2
+        weights = torch.zeros(8, L, dtype=torch.float64)
+        weights[:, :visible] = torch.softmax(logits[:, :visible], -1)
+        rows = torch.maximum(rows, weights)
+    grouped = rows.view(4, 2, L).max(1).values
+    pooled = torch.stack([torch.stack([grouped[h, max(0, i - 2) : i + 3].mean() for i in range(L)]) for h in range(4)])
+    for i, h in enumerate(select.heads):
+        n = int(select.selection.lengths[0, i])
+        expected = sorted(torch.topk(pooled[h], n).indices.tolist())
+        assert select.selection.indices[0, i, :n].tolist() == expected
+    with pytest.raises(ValueError):
+        HeteroCachePolicy(profile=prof, compression=0.7, prefill_window=0)
