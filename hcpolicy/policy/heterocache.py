@@ -1,17 +1,19 @@
 """HeteroCache (arXiv 2601.13684): head roles from a profile, inverse-stability budgets,
 satellites offloaded to the host and recalled when their pivot's attention drifts.
 
-``faithful=True`` reproduces the reference code's choices; the default improves on three
-of them (each measured against the faithful mode):
-- offload: only satellite heads go to the host, not every head of their layer;
+``faithful=True`` reproduces the reference code's choices. The default departs from four:
+- offload: only compressed heads go to the host (satellites, and anchors for the refresh
+  below), not every head of a layer that has satellites;
 - recall: satellite i takes its pivot's top-l_i tokens by score, not the first l_i of the
   position-sorted top-max(l) candidates;
-- trigger: each sequence of a batch decides on its own, not on the batch-averaged overlap.
-It also adds one step the paper does not have (``refresh``, on unless faithful): when
-several tokens arrive in one forward after prefill (a question appended to a compressed
-context), every compressed head (anchors and satellites, all offloaded for it) re-selects
-its budget by its own attention of those tokens over its full prompt KV, read back from
-the host store, and recalls it; the pivots' monitors restart from the newest token.
+- trigger: each sequence of a batch decides on its own, not on the batch-averaged overlap;
+- prefill: compressed heads keep the top of the max attention over the last 32 prompt
+  queries (``prefill_window``), not the last token's alone.
+And it adds one step the paper does not have (``refresh``): when several tokens arrive in
+one forward after prefill (a question appended to a compressed context), every compressed
+head re-selects its budget by its own attention of those tokens over its full prompt KV,
+read back from the host store, and recalls it; the pivots' monitors restart from the
+newest token.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ class HeteroCachePolicy(Policy):
     monitor_k: int | None = attrs.field(default=None)
     faithful: bool = False
     refresh: bool = attrs.field(default=attrs.Factory(lambda self: not self.faithful, takes_self=True))
-    prefill_window: int = attrs.field(default=1, validator=positive)
+    # prompt queries scoring the prefill selection (max over them): 1 = the paper's last token
+    prefill_window: int = attrs.field(default=attrs.Factory(lambda self: 1 if self.faithful else 32, takes_self=True),
+                                      validator=positive)  # fmt: skip
     _allocator: InverseStabilityAllocator = attrs.field(init=False, repr=False)
     _spec: ModelSpec | None = attrs.field(default=None, init=False, repr=False)
     _satellite_sets: dict = attrs.field(factory=dict, init=False, repr=False)
