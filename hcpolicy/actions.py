@@ -10,7 +10,7 @@ padding and carry no meaning.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TypeAlias
 
 import attrs
@@ -128,6 +128,27 @@ ACTION_TYPES: tuple[type, ...] = (Select, Offload, Recall, Attend)
 
 class ActionError(ValueError):
     """An action that cannot be executed against the current cache state."""
+
+
+def consecutive(heads: Sequence[int]) -> slice | None:
+    """``heads`` as a slice when they are consecutive and ascending, else None. Backends index
+    device tensors with it: a slice is a view, while a Python list index copies the list to
+    the device from pageable memory, which waits for the stream."""
+    if heads and all(b == a + 1 for a, b in zip(heads, heads[1:])):
+        return slice(heads[0], heads[0] + len(heads))
+    return None
+
+
+def head_index(heads: Sequence[int], device: torch.device, memo: dict[tuple[int, ...], torch.Tensor]) -> slice | torch.Tensor:
+    """An index of ``heads`` for dim 1 of device tensors that costs no host sync: the
+    ``consecutive`` slice, else a device tensor made once and kept in ``memo``."""
+    cut = consecutive(heads)
+    if cut is not None:
+        return cut
+    key = tuple(heads)
+    if key not in memo:
+        memo[key] = torch.tensor(key, dtype=torch.int64, device=device)
+    return memo[key]
 
 
 def check_address(action: Action, num_layers: int, num_kv_heads: int) -> None:

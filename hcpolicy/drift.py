@@ -97,8 +97,8 @@ class WindowedOverlap(DriftTrigger):
         if len(buffer) < self.window:
             return None
         reference = self._reference[key]
-        scores = torch.stack([overlap(t, reference, universe) for t in buffer])  # [W, B]
-        return self._decide(key, scores, buffer[-1])
+        scores = torch.stack([overlap(t, reference, universe) for t in buffer], dim=-1)  # [B, W]
+        return self._decide([key], scores[None], buffer[-1][None], reference[None])[0]
 
     def observe_window(self, key: Hashable, first_step: int, topk: torch.Tensor, universe: int) -> torch.Tensor | None:
         """One window exactly (the policy buffers to ``period``): all W overlaps in one go."""
@@ -106,8 +106,9 @@ class WindowedOverlap(DriftTrigger):
             raise KeyError(f"monitor {key!r} has no reference set; call set_reference first")
         if self._buffer[key] or topk.shape[1] != self.window:
             return super().observe_window(key, first_step, topk, universe)
-        scores = overlap(topk, self._reference[key].unsqueeze(1), universe).transpose(0, 1)  # [W, B]
-        return self._decide(key, scores, topk[:, -1])
+        reference = self._reference[key]
+        scores = overlap(topk, reference.unsqueeze(1), universe)  # [B, W]
+        return self._decide([key], scores[None], topk[None, :, -1], reference[None])[0]
 
     def observe_windows(self, keys: list[Hashable], first_step: int, topk: torch.Tensor, universe: int) -> torch.Tensor:
         """One window of every monitor in one go (a handful of launches for all of them)."""
@@ -119,24 +120,20 @@ class WindowedOverlap(DriftTrigger):
             return super().observe_windows(keys, first_step, topk, universe)
         reference = torch.stack([self._reference[k] for k in keys])  # [P, B, k]
         scores = overlap(topk, reference.unsqueeze(2), universe)  # [P, B, W]
-        if not self.per_sequence:
-            scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
-        fired = scores.median(dim=2).values < self.tau  # [P, B]
-        updated = torch.where(fired.unsqueeze(-1), topk[:, :, -1], reference)
-        for key, ref in zip(keys, updated):
-            self._reference[key] = ref
-            self._buffer[key] = []
-        return fired
+        return self._decide(keys, scores, topk[:, :, -1], reference)
 
-    def _decide(self, key: Hashable, scores: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
-        """scores: [W, B] overlaps with the reference; newest: [B, k] the last step's set."""
+    def _decide(self, keys: list[Hashable], scores: torch.Tensor, newest: torch.Tensor,
+                reference: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """scores: [P, B, W] overlaps of each monitor's window with its reference [P, B, k];
+        newest: [P, B, k] the last step's sets. Returns fired [P, B]; moves the references."""
         if not self.per_sequence:
             scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
         # torch.median takes the lower middle for even W, as a sorted-list median index would
-        fired = scores.median(dim=0).values < self.tau  # [B]
-        reference = self._reference[key]
-        self._reference[key] = torch.where(fired.unsqueeze(-1), newest, reference)
-        self._buffer[key] = []
+        fired = scores.median(dim=2).values < self.tau  # [P, B]
+        updated = torch.where(fired.unsqueeze(-1), newest, reference)
+        for key, ref in zip(keys, updated):
+            self._reference[key] = ref
+            self._buffer[key] = []
         return fired
 
 

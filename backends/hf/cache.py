@@ -15,9 +15,11 @@ import attrs
 import torch
 
 from . import compat
-from .recall import recall as recall_rows
-from .storage import RaggedKV, consecutive
-from hcpolicy.actions import Action, ActionError, ActionExecutor, Attend, Offload, Recall, Select, Selection, check_address
+from .recall import _stack_padded, recall as recall_rows
+from .storage import RaggedKV
+from hcpolicy.actions import (
+    Action, ActionError, ActionExecutor, Attend, Offload, Recall, Select, Selection, check_address, head_index,
+)  # fmt: skip
 from hcpolicy.capabilities import Requirements
 from hcpolicy.observe import LayerCache, Observation, Phase
 from hcpolicy.policy.base import Policy
@@ -46,6 +48,7 @@ class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
         self.host_resident: dict[tuple[int, int], int] = {}  # (b, h) -> rows on device from the host range
         self.attend_views: dict[int, Selection] = {}  # head -> this step's Attend selection [B, 1, K]
         self.recall_plans: dict[tuple[int, ...], tuple] = {}  # heads -> (layout key, RecallPlan)
+        self._head_index: dict[tuple[int, ...], torch.Tensor] = {}  # heads -> [H'] on the device
 
     # -- transformers' layer interface ------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
@@ -95,8 +98,8 @@ class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
         if self.ragged is None:
             keys, values = self.keys, self.values
             if heads is not None:
-                cut = consecutive(heads)  # a slice is a view; a list index syncs the host
-                keys, values = (keys[:, cut], values[:, cut]) if cut is not None else (keys[:, heads], values[:, heads])
+                index = head_index(heads, keys.device, self._head_index)  # a list index would sync the host
+                keys, values = keys[:, index], values[:, index]
             return LayerCache.dense(keys, values, starts=self.owner.starts)
         cache = self.ragged.padded(heads)
         return attrs.evolve(cache, starts=self.owner.starts)
@@ -178,16 +181,13 @@ class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
         if missing:
             raise KeyError(f"layer {self.index}: heads {missing} were never offloaded")
         batch, device = store.batch_size, store.kv.device
+        positions = _stack_padded([[self.host_positions[(b, h)] for h in heads] for b in range(batch)])  # [B, H', N]
         counts = [[self.host_positions[(b, h)].shape[0] for h in heads] for b in range(batch)]
-        width = max(1, max(map(max, counts)))
-        rows = torch.zeros(batch, len(heads), width, *store.kv.shape[1:], dtype=store.kv.dtype, device=device)
-        positions = torch.zeros(batch, len(heads), width, dtype=torch.int64, device=device)
-        requests = []
-        for b in range(batch):
-            for i, h in enumerate(heads):
-                n = counts[b][i]
-                requests.append(((self.owner.cache_id, self.index, b, h), torch.arange(n), rows[b, i, :n]))
-                positions[b, i, :n] = self.host_positions[(b, h)]
+        rows = torch.zeros(*positions.shape, *store.kv.shape[1:], dtype=store.kv.dtype, device=device)
+        requests = [
+            ((self.owner.cache_id, self.index, b, h), torch.arange(counts[b][i]), rows[b, i, : counts[b][i]])
+            for b in range(batch) for i, h in enumerate(heads)
+        ]  # fmt: skip
         runtime = self.owner.runtime
         runtime.wait(runtime.recall_many(requests))
         lengths = torch.tensor(counts, dtype=torch.int64, device=device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from hcpolicy.actions import head_index
 from hcpolicy.observe import LayerCache
 
 
@@ -116,13 +117,7 @@ class RaggedKV:
         """t[:, heads] for a [B, H, ...] device tensor without a host sync (indexing by a list
         copies the list to the device and waits for the stream): a view for consecutive
         heads, else an index kept on the device (made once per storage and head set)."""
-        cut = consecutive(heads)
-        if cut is not None:
-            return t[:, cut]
-        index = self._head_index.get(tuple(heads))
-        if index is None:
-            index = self._head_index[tuple(heads)] = torch.tensor(heads, device=t.device)
-        return t.index_select(1, index)
+        return t[:, head_index(heads, t.device, self._head_index)]
 
     # -- writing ------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, first_position: int, headroom: int) -> "RaggedKV":
@@ -165,13 +160,6 @@ class RaggedKV:
             for i, h in enumerate(heads):
                 new_lengths[b][h] = lengths[b][i]
         return RaggedKV.from_rows(kv_rows, pos_rows, new_lengths, headroom)
-
-
-def consecutive(heads: list[int] | tuple[int, ...]) -> slice | None:
-    """``heads`` as a slice when they are consecutive and ascending, else None."""
-    if heads and all(b == a + 1 for a, b in zip(heads, heads[1:])):
-        return slice(heads[0], heads[0] + len(heads))
-    return None
 
 
 def _pad(t: torch.Tensor, width: int) -> torch.Tensor:

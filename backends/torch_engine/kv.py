@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from hcpolicy.actions import head_index
 from hcpolicy.observe import LayerCache
 
 from .pages import PageAllocator
@@ -145,16 +146,8 @@ class PagedKV:
         return page * self.page_size + entries % self.page_size
 
     def head_index(self, heads: list[int]) -> slice | torch.Tensor:
-        """An index of KV heads for device tensors that costs no host sync: a slice for a
-        run of heads, else a cached device tensor (indexing a CUDA tensor with a Python list
-        uploads the list from pageable memory, which waits for the GPU)."""
-        if heads and heads == list(range(heads[0], heads[-1] + 1)):
-            return slice(heads[0], heads[-1] + 1)
-        key = tuple(heads)
-        index = self._head_indices.get(key)
-        if index is None:
-            index = self._head_indices[key] = torch.tensor(heads, dtype=torch.int64, device=self.device)
-        return index
+        """An index of KV heads for device tensors that costs no host sync (``actions.head_index``)."""
+        return head_index(heads, self.device, self._head_indices)
 
     def contiguous_run(self, layer: int, b: int, h: int, entries: int) -> int | None:
         """First pool row of head (layer, b, h)'s first ``entries`` entries when they are one

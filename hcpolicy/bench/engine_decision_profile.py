@@ -16,6 +16,7 @@ import torch
 
 from hcpolicy.backends.torch_engine import Engine, EngineConfig, ModelConfig, random_model
 from hcpolicy.bench.engine_decode import RandomWalkQueries, hetero
+from hcpolicy.bench.hf_decode import timed
 
 
 def main() -> None:
@@ -36,24 +37,13 @@ def main() -> None:
     original_layers, original_hook = policy.decode_layers, engine.query_hook
     original_obs = engine._observation
 
-    def timed(name, fn):
-        def run(*a, **k):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = fn(*a, **k)
-            torch.cuda.synchronize()
-            pieces[name].append((time.perf_counter() - t0) * 1e3)
-            return out
-
-        return run
-
     steps = []
     for i in range(30):
         if i == 20:
-            policy.decode_layers = timed("decode_layers", original_layers)
-            engine._observation = timed("observations", original_obs)
+            policy.decode_layers = timed(pieces, "decode_layers", original_layers)
+            engine._observation = timed(pieces, "observations", original_obs)
             if original_hook is not None:
-                engine.query_hook = timed("query_hook", original_hook)
+                engine.query_hook = timed(pieces, "query_hook", original_hook)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         due = engine.observer.due(engine.step)

@@ -202,8 +202,9 @@ class HeteroCachePolicy(Policy):
         full = obs.offloaded(compressed)  # [B, H', N, D]
         q_heads = torch.tensor([h * g + j for h in compressed for j in range(g)], device=obs.queries.device)
         weights = attention_weights(obs.queries[:, q_heads], obs.query_positions, full).amax(dim=2)  # [B, H'G, N]
-        scores = pool1d(group_reduce(weights, len(compressed), self.gqa), self.pool_kernel, mask=full.valid())
-        selection = topk_selection(scores, budgets, full.positions, full.valid())
+        valid = full.valid()  # heads' offloaded ranges differ in length: pooling skips the padding
+        scores = pool1d(group_reduce(weights, len(compressed), self.gqa), self.pool_kernel, mask=valid)
+        selection = topk_selection(scores, budgets, full.positions, valid)
         for pivot, sats in self.profile.clusters[layer].items():
             if not sats:
                 continue
