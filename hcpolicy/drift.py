@@ -98,7 +98,7 @@ class WindowedOverlap(DriftTrigger):
             return None
         reference = self._reference[key]
         scores = torch.stack([overlap(t, reference, universe) for t in buffer], dim=-1)  # [B, W]
-        return self._decide([key], scores[None], buffer[-1][None], reference[None])[0]
+        return self._decide([key], scores[None], buffer[-1][None])[0]
 
     def observe_window(self, key: Hashable, first_step: int, topk: torch.Tensor, universe: int) -> torch.Tensor | None:
         """One window exactly (the policy buffers to ``period``): all W overlaps in one go."""
@@ -108,7 +108,7 @@ class WindowedOverlap(DriftTrigger):
             return super().observe_window(key, first_step, topk, universe)
         reference = self._reference[key]
         scores = overlap(topk, reference.unsqueeze(1), universe)  # [B, W]
-        return self._decide([key], scores[None], topk[None, :, -1], reference[None])[0]
+        return self._decide([key], scores[None], topk[None, :, -1])[0]
 
     def observe_windows(self, keys: list[Hashable], first_step: int, topk: torch.Tensor, universe: int) -> torch.Tensor:
         """One window of every monitor in one go (a handful of launches for all of them)."""
@@ -118,23 +118,34 @@ class WindowedOverlap(DriftTrigger):
         if (any(self._buffer[k] for k in keys) or topk.shape[2] != self.window
                 or len({self._reference[k].shape for k in keys}) != 1):  # fmt: skip
             return super().observe_windows(keys, first_step, topk, universe)
-        reference = torch.stack([self._reference[k] for k in keys])  # [P, B, k]
-        scores = overlap(topk, reference.unsqueeze(2), universe)  # [P, B, W]
-        return self._decide(keys, scores, topk[:, :, -1], reference)
+        scores = overlap(topk, self.references(keys).unsqueeze(2), universe)  # [P, B, W]
+        return self._decide(keys, scores, topk[:, :, -1])
 
-    def _decide(self, keys: list[Hashable], scores: torch.Tensor, newest: torch.Tensor,
-                reference: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """scores: [P, B, W] overlaps of each monitor's window with its reference [P, B, k];
-        newest: [P, B, k] the last step's sets. Returns fired [P, B]; moves the references."""
+    def _decide(self, keys: list[Hashable], scores: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
+        """scores: [P, B, W] overlaps of each monitor's window with its reference; newest:
+        [P, B, k] the last step's sets. Returns fired [P, B]; moves the references."""
+        fired = self.fire(scores)
+        self.move(keys, fired, newest)
+        return fired
+
+    def fire(self, scores: torch.Tensor) -> torch.Tensor:
+        """Overlaps [P, B, W] of windows with their references -> fired [P, B] (device
+        ops only, no state: backends may capture it in a CUDA graph)."""
         if not self.per_sequence:
             scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
         # torch.median takes the lower middle for even W, as a sorted-list median index would
-        fired = scores.median(dim=2).values < self.tau  # [P, B]
-        updated = torch.where(fired.unsqueeze(-1), newest, reference)
-        for key, ref in zip(keys, updated):
-            self._reference[key] = ref
+        return scores.median(dim=2).values < self.tau
+
+    def move(self, keys: list[Hashable], fired: torch.Tensor, newest: torch.Tensor) -> None:
+        """Where ``fired`` [P, B], the reference of ``keys[p]`` becomes ``newest`` [P, B, k];
+        every key's window restarts."""
+        for key, now, sets in zip(keys, fired, newest):
+            self._reference[key] = torch.where(now.unsqueeze(-1), sets, self._reference[key])
             self._buffer[key] = []
-        return fired
+
+    def references(self, keys: list[Hashable]) -> torch.Tensor:
+        """The reference sets of ``keys``: [P, B, k]."""
+        return torch.stack([self._reference[k] for k in keys])
 
 
 @attrs.define

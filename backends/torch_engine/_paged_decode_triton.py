@@ -8,6 +8,13 @@ normalised output and log2-sum-exp. Each tile looks its rows up in the head's pa
 (a vector load: any page size, including 1 for row tables). Programs past a head's length
 exit at once, so the grid depends on the host bound ``max_length`` only (CUDA graphs).
 The merge of the chunks is ``hcpolicy.kernels``' ragged-decode combine kernel, reused.
+
+With a ``Tap`` (``TAP``), a monitored head's programs also store the prompt part of their
+base-2 logits and, per BLOCK_N tile, a reference max and the sum of exp2(logit - it):
+what a device-side window monitor needs (``monitor``), for the cost of a store, since
+the keys are read here anyway: the online softmax's running max and its exp2 terms are
+those numbers already (any max at or above the tile's gives the same normaliser), summed
+over the prompt entries. Chunks are multiples of BLOCK_N, so tile n0 // BLOCK_N is aligned.
 """
 
 from __future__ import annotations
@@ -21,6 +28,34 @@ import triton.language as tl
 from hcpolicy.kernels._ragged_decode_triton import _combine_kernel, block_d_of, n_sm_of, partials_shapes, tiling
 from hcpolicy.kernels.ragged_decode import DecodeConfig, plan_chunks
 
+from .decode import Tap
+
+
+@triton.jit
+def _tile(q, kv_ptr, table, n0, hi, offs_n, offs_d, d_ok, page_size, stride_kvs, stride_kvt, qk_scale, m_i, l_i, acc,
+          D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """One BLOCK_N tile of the online softmax: the updated (m, l, acc), and the tile's
+    logits s, entries and exp2(s - m) (what a tap stores)."""
+    entries = n0 + offs_n  # [BLOCK_N]
+    n_ok = entries < hi
+    page = tl.load(table + entries // page_size, mask=n_ok, other=0)  # int64 page ids
+    rows = page * page_size + entries % page_size  # [BLOCK_N] int64 pool rows
+    k_ptrs = kv_ptr + rows[:, None] * stride_kvs + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    if D == BLOCK_D:
+        k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+        v = tl.load(k_ptrs + stride_kvt, mask=n_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(k_ptrs + stride_kvt, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
+    s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc, s, entries, n_ok, p
+
 
 @triton.jit
 def _paged_chunk_kernel(
@@ -28,8 +63,10 @@ def _paged_chunk_kernel(
     qk_scale, chunk, page_size,
     stride_qb, stride_qh, stride_kvs, stride_kvt, stride_tb, stride_th, stride_lb, stride_lh,
     stride_pb, stride_ph, stride_pc, stride_eb, stride_eh,
+    tap_heads_ptr, tap_logits_ptr, tap_stats_ptr, tap_slot_ptr, tap_prompt,
+    stride_tw, stride_tp, stride_tb_, stride_tg, stride_sw, stride_sp, stride_sb, stride_sg, stride_st,
     G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TAP: tl.constexpr,
 ):  # fmt: skip
     c = tl.program_id(0)
     h = tl.program_id(1)
@@ -52,26 +89,35 @@ def _paged_chunk_kernel(
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):
-            entries = n0 + offs_n  # [BLOCK_N]
-            n_ok = entries < hi
-            page = tl.load(table + entries // page_size, mask=n_ok, other=0)  # int64 page ids
-            rows = page * page_size + entries % page_size  # [BLOCK_N] int64 pool rows
-            k_ptrs = kv_ptr + rows[:, None] * stride_kvs + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-            if D == BLOCK_D:
-                k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
-                v = tl.load(k_ptrs + stride_kvt, mask=n_ok[:, None], other=0.0)
-            else:
-                k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-                v = tl.load(k_ptrs + stride_kvt, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+        tapped = False
+        if TAP:
+            tapped = tl.load(tap_heads_ptr + h) >= 0
+        if tapped:  # a monitored head also leaves its prompt logits and tile sums (Tap)
+            mon = tl.load(tap_heads_ptr + h)
+            slot = tl.load(tap_slot_ptr)
+            tap_rows = slot * stride_tw + mon * stride_tp + b * stride_tb_ + offs_g * stride_tg  # [BLOCK_G]
+            stat_rows = slot * stride_sw + mon * stride_sp + b * stride_sb + offs_g * stride_sg
+            for n0 in range(lo, hi, BLOCK_N):
+                m_i, l_i, acc, s, entries, n_ok, p = _tile(
+                    q, kv_ptr, table, n0, hi, offs_n, offs_d, d_ok, page_size, stride_kvs, stride_kvt, qk_scale,
+                    m_i, l_i, acc, D, BLOCK_D, DOT_PRECISION,
+                )  # fmt: skip
+                # masked stores, no branches (they would stall the loop's pipelining): the
+                # prompt's logits, and per tile the running max with the sum of the prompt
+                # entries' exp2 under it (any max at or above theirs gives the same normaliser)
+                in_prompt = n_ok & (entries < tap_prompt)
+                tl.store(tap_logits_ptr + tap_rows[:, None] + entries[None, :], s,
+                         mask=g_ok[:, None] & in_prompt[None, :])  # fmt: skip
+                stat = tap_stats_ptr + stat_rows + (n0 // BLOCK_N) * stride_st
+                stat_ok = g_ok & (n0 + offs_g * 0 < tap_prompt)  # [BLOCK_G]
+                tl.store(stat, m_i, mask=stat_ok)
+                tl.store(stat + 1, tl.sum(tl.where(in_prompt[None, :], p, 0.0), 1), mask=stat_ok)
+        else:  # the hot loop, free of tap code
+            for n0 in range(lo, hi, BLOCK_N):
+                m_i, l_i, acc, s, entries, n_ok, p = _tile(
+                    q, kv_ptr, table, n0, hi, offs_n, offs_d, d_ok, page_size, stride_kvs, stride_kvt, qk_scale,
+                    m_i, l_i, acc, D, BLOCK_D, DOT_PRECISION,
+                )  # fmt: skip
         part = b * stride_pb + heads * stride_ph + c * stride_pc
         tl.store(o_part_ptr + part[:, None] + offs_d[None, :], acc / l_i[:, None], mask=g_ok[:, None] & d_ok[None, :])
         tl.store(lse_part_ptr + b * stride_eb + heads * stride_eh + c, m_i + tl.log2(l_i), mask=g_ok)
@@ -80,7 +126,7 @@ def _paged_chunk_kernel(
 def paged_decode_triton(
     q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor, page_size: int, scale: float,
     max_length: int, config: DecodeConfig, out: torch.Tensor | None = None,
-    o_part: torch.Tensor | None = None, lse_part: torch.Tensor | None = None,
+    o_part: torch.Tensor | None = None, lse_part: torch.Tensor | None = None, tap: "Tap | None" = None,
 ) -> torch.Tensor:  # fmt: skip
     """Launch both kernels on checked inputs; q: [B, H_q, D] -> [B, H_q, D]. o_part and
     lse_part (fp32 scratch, ``partials_shapes``) may be passed in (tests poison them)."""
@@ -97,14 +143,21 @@ def paged_decode_triton(
     lse_part = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if lse_part is None else lse_part
     block_g = max(16, triton.next_power_of_2(h_q // h_kv))
     block_n, stages = tiling(config, block_d, kv.element_size())
+    if tap is not None:
+        if tap.tile != block_n:
+            raise ValueError(f"tap tiles of {tap.tile} entries, but this kernel's tiles are {block_n}")
+        lg, st = tap.logits, tap.stats
+        tap_args = (tap.heads, lg, st, tap.slot, tap.prompt, *lg.stride()[:4], *st.stride()[:5])
+    else:
+        tap_args = (lengths, q, q, lengths, 0, *(0,) * 9)  # never read
     _paged_chunk_kernel[(plan.n_chunks, h_kv, batch)](
         q, kv, table, lengths, o_part, lse_part,
         scale * math.log2(math.e), plan.chunk, page_size,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), table.stride(0), table.stride(1),
         lengths.stride(0), lengths.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1),
+        lse_part.stride(0), lse_part.stride(1), *tap_args,
         G=h_q // h_kv, D=dim, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
-        DOT_PRECISION="ieee" if kv.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if kv.dtype == torch.float32 else "tf32", TAP=tap is not None,
         num_warps=config.num_warps, num_stages=stages,
     )  # fmt: skip
     _combine_kernel[(h_q, batch)](

@@ -18,13 +18,40 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 from typing import Literal
 
+import attrs
 import torch
 
 from hcpolicy.kernels.ragged_decode import DecodeConfig
 
 DecodeKernel = Literal["auto", "triton", "torch"]
+LOG2E = math.log2(math.e)
+
+
+@attrs.frozen
+class Tap:
+    """Where a decode step leaves its monitored heads' prompt logits (``monitor``).
+
+    heads: [H_kv] int32, the monitor index p of each KV head of the layer (-1: none), and
+    pairs: the same as host (p, KV head) pairs; logits: [W, P, B, G, prompt] float32, the
+    base-2 logits (q.k * scale * log2 e) of the entries below ``prompt``, written at W
+    index ``slot`` ([1] int64, on the device); stats: [W, P, B, G, ceil(prompt / tile), 2]
+    float32, per tile of ``tile`` entries a reference m at or above the max of those
+    logits (the torch path: that max; the Triton kernel: its running max) and the sum of
+    exp2(logit - m), so that the prompt's softmax normaliser is their combination
+    (``kernels.window_scores.softmax_sums``). The Triton kernel's tiles are its BLOCK_N
+    rows: they must agree.
+    """
+
+    heads: torch.Tensor
+    pairs: tuple[tuple[int, int], ...]
+    logits: torch.Tensor
+    stats: torch.Tensor
+    slot: torch.Tensor
+    prompt: int
+    tile: int
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -70,10 +97,10 @@ def check_inputs(q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, lengths
 
 def paged_decode_torch(
     q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor, page_size: int, scale: float,
-    width: int,
+    width: int, tap: Tap | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """q: [B, H_q, D] -> [B, H_q, D]. ``width``: a host bound of ``lengths`` (entries read
-    per head; a fixed width gives fixed shapes)."""
+    per head; a fixed width gives fixed shapes); ``tap``: see ``Tap``."""
     check_inputs(q, kv, table, lengths, page_size)
     b, h_q, d = q.shape
     h_kv = lengths.shape[1]
@@ -86,22 +113,41 @@ def paged_decode_torch(
     qg = q.float().view(b, h_kv, h_q // h_kv, d)  # [B, H_kv, G, D]
     scores = torch.einsum("bhgd,bhwd->bhgw", qg, k) * scale  # [B, H_kv, G, W]
     valid = (entries < lengths.unsqueeze(-1)).unsqueeze(2)  # [B, H_kv, 1, W]
+    if tap is not None:
+        _write_tap(tap, scores)
     weights = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
     out = torch.einsum("bhgw,bhwd->bhgd", weights, v)  # [B, H_kv, G, D]
     return out.reshape(b, h_q, d).to(q.dtype)
 
 
+def _write_tap(tap: Tap, scores: torch.Tensor) -> None:
+    """The torch path's Tap: scores [B, H_kv, G, width] (scaled logits, width >= prompt)."""
+    n, tile = tap.prompt, tap.tile
+    tiles = -(-n // tile)
+    for p, h in tap.pairs:
+        s = scores[:, h, :, :n].float() * LOG2E  # [B, G, n]
+        tap.logits[:, p].index_copy_(0, tap.slot, s.unsqueeze(0))
+        padded = torch.nn.functional.pad(s, (0, tiles * tile - n), value=float("-inf")).unflatten(-1, (tiles, tile))
+        m = padded.amax(-1)  # every tile holds an entry: finite
+        total = torch.exp2(padded - m.unsqueeze(-1)).sum(-1)
+        tap.stats[:, p].index_copy_(0, tap.slot, torch.stack([m, total], dim=-1).unsqueeze(0))
+
+
 def paged_decode(
     q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor, page_size: int, scale: float, *,
-    max_length: int, kernel: str = "torch", config: DecodeConfig | None = None,
+    max_length: int, kernel: str = "torch", config: DecodeConfig | None = None, tap: Tap | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Dispatch to ``kernel`` ('triton' or 'torch', see ``resolve_kernel``). ``max_length``
-    is a host bound of ``lengths``: it sizes the grid (triton) or the gather (torch)."""
+    is a host bound of ``lengths``: it sizes the grid (triton) or the gather (torch) and
+    must cover ``tap.prompt``; ``tap``: see ``Tap``."""
+    if tap is not None and max_length < tap.prompt:
+        raise ValueError(f"max_length {max_length} does not cover the tapped prompt ({tap.prompt})")
     if kernel == "triton":
         from ._paged_decode_triton import paged_decode_triton
 
         check_inputs(q, kv, table, lengths, page_size)
-        return paged_decode_triton(q, kv, table, lengths, page_size, float(scale), max_length, config or DecodeConfig())
+        return paged_decode_triton(q, kv, table, lengths, page_size, float(scale), max_length, config or DecodeConfig(),
+                                   tap=tap)  # fmt: skip
     if kernel == "torch":
-        return paged_decode_torch(q, kv, table, lengths, page_size, scale, max_length)
+        return paged_decode_torch(q, kv, table, lengths, page_size, scale, max_length, tap)
     raise ValueError(f"decode kernel must be 'triton' or 'torch', got {kernel!r}")

@@ -40,9 +40,10 @@ from .decode import paged_decode, resolve_kernel
 from .engine_config import EngineConfig, GenerateOutput
 from .executor import PagedExecutor
 from .fused import resolve_ops
-from .graphs import DecodeGraph
+from .graphs import DecisionGraph, DecodeGraph
 from .kv import PagedKV
 from .model import Transformer
+from .monitor import DeviceMonitor
 from .observer import DecodeObserver
 from .prefill import Prefill
 
@@ -85,6 +86,11 @@ class Engine:
         self.observer = DecodeObserver(self.mc.num_layers, b, h_q, d, self.device, self.dtype)
         # benches only: (layer, first step, queries [B, H_q, N, D]) -> the queries the policy sees
         self.query_hook: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None
+        # benches only: (layer, q [B, H_q, 1, D]) -> the decode query the step uses (device ops)
+        self.step_query_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+        self.monitor: DeviceMonitor | None = None
+        self._monitors_made = 0
+        self._decision_graph: DecisionGraph | None = None
         self._graphs: dict[tuple, DecodeGraph] = {}
         self.policy: Policy | None = None
         self._needs = Requirements()
@@ -146,6 +152,7 @@ class Engine:
         self.executor.reset()
         self.kv.release()
         self.policy = None
+        self.monitor = self._decision_graph = None
 
     # -- prefill (the phase itself: prefill.Prefill) -------------------------------------------
     @torch.no_grad()
@@ -178,6 +185,36 @@ class Engine:
         b = self.batch
         self._logical[:b] = self.prompt_length
         self._rope_pos[:b, 0] = torch.tensor(lengths, device=self.device)
+        self.monitor = self._make_monitor()
+
+    def _make_monitor(self) -> DeviceMonitor | None:
+        """A DeviceMonitor when the policy offers a WindowPlan and the engine can score it
+        (``EngineConfig.device_decisions``: None = when it can, True = or a ValueError)."""
+        want = self.config.device_decisions
+        if want is False or self.policy is None:
+            return None
+        plan = self.policy.window_plan()
+        reasons = []
+        if plan is None:
+            reasons.append(f"{type(self.policy).__name__} offers no WindowPlan now")
+        if not self.deferred:
+            reasons.append("observations are inline (device decisions run after the step: observe='deferred')")
+        if self.starts is not None:
+            reasons.append("the prompts differ in length")
+        if self.query_hook is not None:
+            reasons.append("a query_hook rewrites what the policy sees")
+        if plan is not None and self.observer.period != plan.window:
+            reasons.append(f"observations come every {self.observer.period} steps, the plan decides every {plan.window}")
+        if plan is not None and not reasons:
+            short = [(l, h) for l, h in plan.monitors if bool((self.kv.host_lengths[l, : self.batch, h] < self.prompt_length).any())]
+            if short:
+                reasons.append(f"monitored heads {short[:3]} do not keep their whole prompt on the device")
+        if reasons:
+            if want:
+                raise ValueError("device_decisions=True, but: " + "; ".join(reasons))
+            return None
+        self._monitors_made += 1
+        return DeviceMonitor(self, plan, self.prompt_length)
 
     # -- decode --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -207,7 +244,8 @@ class Engine:
 
     def _graph(self) -> DecodeGraph:
         bound = self._entries_bound  # no head holds more entries than this in this generation
-        key = (self.batch, bound, self.observer.active, self.observer.period)
+        key = (self.batch, bound, self.observer.active, self.observer.period,
+               self._monitors_made if self.monitor is not None else 0)  # the taps' buffers are baked in
         graph = self._graphs.get(key)
         if graph is None:
             self._graphs.clear()  # one graph per generation shape; older ones hold memory
@@ -230,6 +268,8 @@ class Engine:
 
     def _decode_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kv, exe, b = self.kv, self.executor, self.batch
+        if self.step_query_hook is not None:
+            q = self.step_query_hook(layer, q)
         kv.append(layer, k, v, self._logical[:b], fused=self.ops.fused)
         if self.observer.active:
             self.observer.record(layer, q)
@@ -248,8 +288,9 @@ class Engine:
             out = paged_decode(q0, kv.kv, rows, lengths, 1, self.scale, max_length=width, kernel=self.kernel,
                                config=self.config.decode_config)  # fmt: skip
         else:
+            tap = self.monitor.tap(layer) if self.monitor is not None else None
             out = paged_decode(q0, kv.kv, kv.page_table[layer], kv.lengths[layer], kv.page_size, self.scale,
-                               max_length=bound, kernel=self.kernel, config=self.config.decode_config)  # fmt: skip
+                               max_length=bound, kernel=self.kernel, config=self.config.decode_config, tap=tap)  # fmt: skip
         return out.view(b, 1, -1)
 
     def _observe(self, layer: int, queries: torch.Tensor, first_step: int) -> None:
@@ -274,8 +315,20 @@ class Engine:
         )  # fmt: skip
 
     def _observe_recorded(self) -> None:
-        """After a step that completes a period: the policy sees every layer's recorded
-        queries in one call (``Policy.decode_layers``), then each layer's actions apply."""
+        """After a step that completes a period: the device monitor scores the window (a
+        captured graph under CUDA graphs) and the policy acts where it fired; without one,
+        the policy sees every layer's recorded queries in one call
+        (``Policy.decode_layers``). Then each layer's actions apply."""
+        if self.monitor is not None:
+            if self.graphs_enabled:
+                if self._decision_graph is None or self._decision_graph.monitor is not self.monitor:
+                    self._decision_graph = DecisionGraph(self.monitor)
+                self._decision_graph.replay()
+            else:
+                self.monitor.decide()
+            for layer, actions in sorted(self.monitor.act().items()):
+                self.executor.apply(list(actions))
+            return
         queries = self.observer.queries(self.batch)  # [N, B, H_q, period, D]
         first = self.observer.first_step(self.step)
         observations = [self._observation(layer, queries[layer], first) for layer in range(self.mc.num_layers)]

@@ -26,6 +26,10 @@ class EngineConfig:
         (see ``observer``; 'inline' cannot run under CUDA graphs).
     batch_observations: call a policy with ``decode_period`` > 1 once per period with that
         many queries (False: every step with one, as before).
+    device_decisions: score a policy's window decisions on the device (``monitor``) when it
+        offers a ``WindowPlan`` (HeteroCache): None (default) = whenever the engine can
+        (deferred observations, prompts of one length), True = or a ValueError, False =
+        never (the policy's ``decode_layers`` scores them).
     recall_landing: 'next_step', 'eager_step' or 'async' (see ``recall``);
         async_recall_pages: bound on the fresh pages of async recalls in flight (None: the
         pool's free pages are the bound)."""
@@ -41,6 +45,7 @@ class EngineConfig:
     fused_kernels: bool | None = attrs.field(default=None, validator=attrs.validators.in_((None, True, False)))
     observe: str = attrs.field(default="auto", validator=attrs.validators.in_(MODES))
     batch_observations: bool = True
+    device_decisions: bool | None = attrs.field(default=None, validator=attrs.validators.in_((None, True, False)))
     recall_landing: str = attrs.field(default="next_step", validator=attrs.validators.in_(LANDINGS))
     async_recall_pages: int | None = None
 

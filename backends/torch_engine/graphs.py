@@ -14,6 +14,7 @@ import torch
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .monitor import DeviceMonitor
 
 
 class DecodeGraph:
@@ -52,3 +53,23 @@ class DecodeGraph:
         finally:
             self.engine._in_graph = False
         return self.logits.clone()
+
+
+class DecisionGraph:
+    """A DeviceMonitor's ``decide`` captured once (after a warm-up run that compiles its
+    kernels) and replayed after each decision step's decode graph."""
+
+    def __init__(self, monitor: "DeviceMonitor") -> None:
+        self.monitor = monitor
+        device = monitor.fired.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            monitor.decide()  # warm-up: reads the taps, writes only the monitor's outputs
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            monitor.decide()
+
+    def replay(self) -> None:
+        self.graph.replay()

@@ -97,6 +97,41 @@ class RandomWalkQueries:
         return torch.stack(out, dim=3) if out else prev.new_zeros((*prev.shape[:3], 0, prev.shape[3]))
 
 
+class StepRandomWalk:
+    """``Engine.step_query_hook`` for --drift realistic when the engine decides on the device
+    (its decode kernel taps the pivots' logits inside the captured step, so the walk must
+    be the step's own query): the same walk as ``RandomWalkQueries``, precomputed per layer
+    from the model's first decode query (at the graph's warm-up, outside any timing) for
+    ``steps`` steps. Inside the graph, layer 0 copies the step's queries of every layer
+    into one buffer (one launch) and each layer attends with its row of it. Attention runs
+    on the walked queries (random weights: the step costs the same)."""
+
+    def __init__(self, sigma: float, steps: int, layers: int, seed: int = 0) -> None:
+        self.walk = RandomWalkQueries(sigma, seed)
+        self.steps, self.layers = steps, layers
+        self.walks: dict[int, torch.Tensor] = {}  # layer -> [steps, B, H_q, 1, D], until the bank is built
+        self.bank: torch.Tensor | None = None  # [steps, layers, B, H_q, 1, D]
+        self.now: torch.Tensor | None = None  # [layers, B, H_q, 1, D]: this step's queries
+        self.counter: torch.Tensor | None = None
+
+    def __call__(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        if self.bank is None:  # eager: the graph's warm-up step, before capture
+            first = q[:, :, 0].float()
+            rest = self.walk._walk(first.unsqueeze(0), self.steps - 1)[0]  # [B, H_q, steps - 1, D]
+            self.walks[layer] = torch.cat([first.unsqueeze(2), rest], dim=2).to(q.dtype).permute(2, 0, 1, 3).unsqueeze(3)
+            if len(self.walks) < self.layers:
+                return self.walks[layer][0]
+            self.bank = torch.stack([self.walks[i] for i in range(self.layers)], dim=1)
+            self.now = self.bank[0].clone()
+            self.counter = torch.ones(1, dtype=torch.int64, device=q.device)
+            self.walks.clear()
+            return self.now[layer]
+        if layer == 0:
+            torch.index_select(self.bank, 0, self.counter, out=self.now.unsqueeze(0))
+            self.counter.add_(1).clamp_(max=self.steps - 1)
+        return self.now[layer]
+
+
 def decode_times(engine: Engine, steps: int) -> list[dict[str, Any]]:
     """Per decode step: ms (CUDA events), its kind (plain / decision / landing), whether it
     ran eagerly, and what its recalls moved (host bytes and rows, device-moved rows)."""
@@ -130,7 +165,10 @@ def engine_cell(model: Any, context: int, batch: int, policy: Any, steps: int, w
     engine = Engine(model, EngineConfig(max_batch_size=batch, max_seq_len=context + new, num_pages=num_pages,
                                         **options))  # fmt: skip
     if args is not None and args.drift == "realistic" and policy is not None:
-        engine.query_hook = RandomWalkQueries(args.drift_sigma)
+        if engine.config.device_decisions is False:
+            engine.query_hook = RandomWalkQueries(args.drift_sigma)
+        else:
+            engine.step_query_hook = StepRandomWalk(args.drift_sigma, new + 2, model.config.num_layers)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     engine.prefill_random([context] * batch, policy, max_new_tokens=new)
@@ -151,6 +189,8 @@ def engine_cell(model: Any, context: int, batch: int, policy: Any, steps: int, w
         "recalled_rows": engine.executor.recalled_rows, "moved_rows": engine.executor.moved_rows,
         "h2d_bytes": sum(s["h2d_bytes"] for s in every), "fused_kernels": engine.ops.fused,
         "observe_period": engine.observer.period, "fill_s": fill_s,
+        "device_decisions": engine.monitor is not None,
+        "monitor_fires": engine.monitor.fires if engine.monitor is not None else None,
         "peak_gb": torch.cuda.max_memory_allocated() / GB, "pool_gb": engine.kv.pool_bytes() / GB,
         "tokens_per_s": batch * 1e3 / statistics.mean(ms),
     }  # fmt: skip
@@ -164,7 +204,8 @@ def engine_cell(model: Any, context: int, batch: int, policy: Any, steps: int, w
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     fused = {"auto": None, "on": True, "off": False}[args.fused]
     return {"fused_kernels": fused, "recall_landing": args.recall_landing,
-            "batch_observations": not args.per_step_observations}  # fmt: skip
+            "batch_observations": not args.per_step_observations,
+            "device_decisions": {"auto": None, "on": True, "off": False}[args.device_decisions]}  # fmt: skip
 
 
 def hetero(spec: Any, compression: float) -> HeteroCachePolicy:
@@ -317,6 +358,8 @@ def main() -> None:
     parser.add_argument("--drift-sigma", type=float, default=0.05)
     parser.add_argument("--recall-landing", choices=("next_step", "eager_step", "async"), default="next_step")
     parser.add_argument("--fused", choices=("auto", "on", "off"), default="auto", help="fused elementwise kernels")
+    parser.add_argument("--device-decisions", choices=("auto", "on", "off"), default="auto",
+                        help="HeteroCache's drift windows scored on the device (EngineConfig.device_decisions)")
     parser.add_argument("--per-step-observations", action="store_true",
                         help="call the policy every step (not once per decode_period)")
     args = parser.parse_args()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 import torch
@@ -16,6 +16,9 @@ from hcpolicy.capabilities import Requirements
 from hcpolicy.observe import Observation
 from hcpolicy.scores import topk_selection
 from hcpolicy.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from hcpolicy.monitor import WindowPlan
 
 
 class Policy(ABC):
@@ -48,6 +51,11 @@ class Policy(ABC):
         Returns each layer's actions. Override to batch the layers' work; the default calls
         ``decode`` layer by layer."""
         return [self.decode(obs) for obs in observations]
+
+    def window_plan(self) -> "WindowPlan | None":
+        """Optional: the decode decisions as a ``hcpolicy.monitor.WindowPlan``, asked after
+        prefill, so that a backend can score them on the device (None: call ``decode``)."""
+        return None
 
     def observed_heads(self, layer: int) -> Sequence[int] | None:
         """KV heads whose device KV ``decode`` reads at ``layer`` (None = all; empty = none,

@@ -28,6 +28,7 @@ from hcpolicy.actions import Action, Offload, Recall, Select, Selection
 from hcpolicy.budget import InverseStabilityAllocator, sequence_budgets
 from hcpolicy.capabilities import Requirements
 from hcpolicy.drift import DriftTrigger, WindowedOverlap
+from hcpolicy.monitor import WindowPlan
 from hcpolicy.observe import LayerCache, Observation
 from hcpolicy.policy.base import Policy
 from hcpolicy.profile import HeadProfile, Role
@@ -267,6 +268,32 @@ class HeteroCachePolicy(Policy):
             if hit:
                 actions[obs.layer].append(self._recall((obs.layer, pivot), now, scores, view.positions[:, 0]))
         return [actions[obs.layer] for obs in observations]
+
+    def window_plan(self) -> WindowPlan | None:
+        """The decode decisions as a ``WindowPlan`` (after prefill), for backends that score
+        the pivots' windows on the device: the same decisions as ``decode_layers``. None
+        when the trigger is not a ``WindowedOverlap`` or a pivot has buffered queries."""
+        spec = self._require_reset(self._spec)
+        trigger = self.trigger
+        if not isinstance(trigger, WindowedOverlap) or any(self._pending.values()):
+            return None
+        keys = [(layer, p) for layer in range(spec.num_layers) for p in self._monitors(layer)]
+
+        def act(fired: torch.Tensor, hits: list[bool], newest: torch.Tensor, positions: torch.Tensor) -> dict:
+            picked = [p for p, hit in enumerate(hits) if hit]
+            actions: dict[int, list[Action]] = {}
+            if not picked:
+                return actions
+            idx = torch.tensor(picked, device=newest.device)
+            trigger.move([keys[p] for p in picked], fired[idx], topk_sets(newest[idx], self._monitor_k))
+            for p in picked:
+                actions.setdefault(keys[p][0], []).append(self._recall(keys[p], fired[p], newest[p], positions))
+            return actions
+
+        return WindowPlan(
+            monitors=tuple(keys), window=trigger.window, k=self._monitor_k, pool_kernel=self.pool_kernel,
+            gqa=self.gqa, references=lambda: trigger.references(keys), fire=trigger.fire, act=act,
+        )  # fmt: skip
 
     def _satellite_selection(
         self, scores: torch.Tensor, budgets: torch.Tensor, positions: torch.Tensor, width: int

@@ -177,3 +177,24 @@ def test_fused_step_matches_unfused(graphs):
         runs.append(torch.stack(out).float())
     scale = runs[0].abs().max()
     assert float((runs[0] - runs[1]).abs().max()) < 2e-2 * float(scale)
+
+
+@pytest.mark.parametrize("tau", [0.9, 0.3])
+def test_device_decisions_under_graphs_equal_the_policys(tau):
+    """Under CUDA graphs (Triton tap, window-scores and select kernels, the decision
+    captured as its own graph), HeteroCache decides and recalls as its own scoring does."""
+    from hcpolicy.drift import WindowedOverlap
+
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (1500,), generator=gen).tolist() for _ in range(2)]
+    runs = []
+    for device_decisions in (False, True):
+        engine = small_engine(True, device_decisions=device_decisions)
+        policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6,
+                                   trigger=WindowedOverlap(tau=tau))  # fmt: skip
+        out = engine.generate(prompts, 21, policy)
+        assert (engine.monitor is not None) == device_decisions and engine.eager_steps == 0
+        runs.append((out.tokens, engine.executor.recalls, engine.executor.recalled_rows, policy.recalls))
+    assert runs[0][1:] == runs[1][1:]
+    assert (runs[0][1] > 0) == (tau > 0.5)
+    assert torch.equal(runs[0][0], runs[1][0])

@@ -1,0 +1,91 @@
+"""DeviceMonitor: a policy's window decisions (``hcpolicy.monitor.WindowPlan``) on the device.
+
+Every decode step, the decode kernel leaves each monitored head's prompt logits and
+per-tile softmax sums in slot ``step % window`` of a ring (a ``decode.Tap``, written
+where the keys are read anyway). After the step that completes a window, ``decide``
+scores the whole window with a handful of kernels and no host sync: softmax rows, group
+reduce and pooling (``kernels.window_scores``), the k-th largest score of each row
+(``kernels.select``), each row's overlap with its monitor's reference set, and the
+plan's ``fire``. Under CUDA graphs ``decide`` is captured once, as a second graph
+replayed after the step's. ``act`` then reads which monitors fired (the one host read of
+a decision step) and asks the plan for actions only if something did.
+
+Serves batches whose prompts all have one length (the ring's key range is the prompt),
+monitored heads that keep their whole prompt on the device, and the torch or Triton
+decode kernels.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from hcpolicy.actions import Action
+from hcpolicy.kernels.select import kth_largest
+from hcpolicy.kernels.window_scores import window_scores
+from hcpolicy.monitor import WindowPlan, reference_masks, window_overlaps
+
+from .decode import Tap
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+TORCH_TILE = 64  # tap tiles of the torch decode path (the Triton kernel's are its BLOCK_N)
+
+
+def tap_tile(engine: "Engine") -> int:
+    if engine.kernel != "triton":
+        return TORCH_TILE
+    from hcpolicy.kernels._ragged_decode_triton import block_d_of, tiling
+
+    return tiling(engine.config.decode_config, block_d_of(engine.mc.head_dim), engine.kv.kv.element_size())[0]
+
+
+class DeviceMonitor:
+    def __init__(self, engine: "Engine", plan: WindowPlan, prompt: int) -> None:
+        mc, device = engine.mc, engine.device
+        p, w, b, g = len(plan.monitors), plan.window, engine.batch, mc.num_heads // mc.num_kv_heads
+        if engine.observer.period != w:
+            raise ValueError(f"the plan's window ({w}) differs from the observer's period ({engine.observer.period})")
+        self.plan, self.prompt, self.k = plan, prompt, min(plan.k, prompt)
+        self.tile = tap_tile(engine)
+        self.logits = torch.zeros(w, p, b, g, prompt, dtype=torch.float32, device=device)
+        self.stats = torch.zeros(w, p, b, g, -(-prompt // self.tile), 2, dtype=torch.float32, device=device)
+        self.scores = torch.zeros(w, p, b, prompt, dtype=torch.float32, device=device)
+        self.masks = reference_masks(plan.references().to(device), prompt)  # [P, B, L]
+        self.positions = torch.arange(prompt, device=device).expand(b, prompt)
+        self.fired = torch.zeros(p, b, dtype=torch.bool, device=device)
+        self.taps: dict[int, Tap] = {}
+        for layer in sorted({layer for layer, _ in plan.monitors}):
+            pairs = tuple((i, h) for i, (l, h) in enumerate(plan.monitors) if l == layer)
+            heads = torch.full((mc.num_kv_heads,), -1, dtype=torch.int32)
+            for i, h in pairs:
+                heads[h] = i
+            self.taps[layer] = Tap(heads=heads.to(device), pairs=pairs, logits=self.logits, stats=self.stats,
+                                   slot=engine.observer.slot, prompt=prompt, tile=self.tile)  # fmt: skip
+        self.decisions = self.fires = 0
+
+    def tap(self, layer: int) -> Tap | None:
+        return self.taps.get(layer)
+
+    def decide(self) -> None:
+        """Score the window and set ``fired`` [P, B] (device ops only: capturable)."""
+        w, p, b, g, n = self.logits.shape
+        scores = window_scores(self.logits.view(-1, g, n), self.stats.view(w * p * b, g, -1, 2), self.plan.gqa,
+                               self.plan.pool_kernel, out=self.scores.view(-1, n))  # fmt: skip
+        thresholds, ties = kth_largest(scores, self.k)
+        overlaps = window_overlaps(self.scores, thresholds.view(w, p, b), ties.view(w, p, b), self.masks, self.k)
+        self.fired.copy_(self.plan.fire(overlaps))
+
+    def act(self) -> dict[int, list[Action]]:
+        """After ``decide`` ran: the plan's actions for the monitors that fired (one host read)."""
+        self.decisions += 1
+        hits = self.fired.any(dim=1).tolist()
+        if not any(hits):
+            return {}
+        self.fires += sum(hits)
+        actions = self.plan.act(self.fired, hits, self.scores[-1], self.positions)
+        idx = torch.tensor([i for i, hit in enumerate(hits) if hit], device=self.fired.device)
+        self.masks[idx] = reference_masks(self.plan.references()[idx], self.prompt)  # the moved references
+        return actions
