@@ -127,16 +127,18 @@ def paged_decode_triton(
     q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor, page_size: int, scale: float,
     max_length: int, config: DecodeConfig, out: torch.Tensor | None = None,
     o_part: torch.Tensor | None = None, lse_part: torch.Tensor | None = None, tap: "Tap | None" = None,
+    work: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Launch both kernels on checked inputs; q: [B, H_q, D] -> [B, H_q, D]. o_part and
-    lse_part (fp32 scratch, ``partials_shapes``) may be passed in (tests poison them)."""
+    lse_part (fp32 scratch, ``partials_shapes``) may be passed in (tests poison them);
+    work: the heads' total entries if known (``plan_chunks``)."""
     batch, h_q, dim = q.shape
     h_kv = lengths.shape[1]
     if kv.stride(2) != 1 or table.stride(2) != 1:
         raise ValueError("kv's and table's last dims must be contiguous")
     q = q if q.stride(2) == 1 else q.contiguous()
     result = torch.empty_like(q) if out is None else out
-    plan = plan_chunks(max(1, max_length), batch, h_kv, n_sm_of(q.device), config)
+    plan = plan_chunks(max(1, max_length), batch, h_kv, n_sm_of(q.device), config, work)
     block_d = block_d_of(dim)
     o_shape, lse_shape = partials_shapes(batch, h_q, dim, plan)
     o_part = torch.empty(o_shape, dtype=torch.float32, device=q.device) if o_part is None else o_part

@@ -136,10 +136,12 @@ def _write_tap(tap: Tap, scores: torch.Tensor) -> None:
 def paged_decode(
     q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor, page_size: int, scale: float, *,
     max_length: int, kernel: str = "torch", config: DecodeConfig | None = None, tap: Tap | None = None,
+    work: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Dispatch to ``kernel`` ('triton' or 'torch', see ``resolve_kernel``). ``max_length``
     is a host bound of ``lengths``: it sizes the grid (triton) or the gather (torch) and
-    must cover ``tap.prompt``; ``tap``: see ``Tap``."""
+    must cover ``tap.prompt``; ``tap``: see ``Tap``; ``work``: the heads' total entries,
+    a host estimate that balances the Triton grid (``plan_chunks``; any value is correct)."""
     if tap is not None and max_length < tap.prompt:
         raise ValueError(f"max_length {max_length} does not cover the tapped prompt ({tap.prompt})")
     if kernel == "triton":
@@ -147,7 +149,7 @@ def paged_decode(
 
         check_inputs(q, kv, table, lengths, page_size)
         return paged_decode_triton(q, kv, table, lengths, page_size, float(scale), max_length, config or DecodeConfig(),
-                                   tap=tap)  # fmt: skip
+                                   tap=tap, work=work)  # fmt: skip
     if kernel == "torch":
         return paged_decode_torch(q, kv, table, lengths, page_size, scale, max_length, tap)
     raise ValueError(f"decode kernel must be 'triton' or 'torch', got {kernel!r}")

@@ -289,8 +289,10 @@ class Engine:
                                config=self.config.decode_config)  # fmt: skip
         else:
             tap = self.monitor.tap(layer) if self.monitor is not None else None
+            work = int(kv.host_lengths[layer, :b].sum())  # balances the grid: heads keep unequal lengths
             out = paged_decode(q0, kv.kv, kv.page_table[layer], kv.lengths[layer], kv.page_size, self.scale,
-                               max_length=bound, kernel=self.kernel, config=self.config.decode_config, tap=tap)  # fmt: skip
+                               max_length=bound, kernel=self.kernel, config=self.config.decode_config, tap=tap,
+                               work=work)  # fmt: skip
         return out.view(b, 1, -1)
 
     def _observe(self, layer: int, queries: torch.Tensor, first_step: int) -> None:

@@ -26,7 +26,7 @@ from hcpolicy.kernels.select import kth_largest
 from hcpolicy.kernels.window_scores import window_scores
 from hcpolicy.monitor import WindowPlan, reference_masks, window_overlaps
 
-from .decode import Tap
+from .decode import Tap, have_triton
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -56,6 +56,7 @@ class DeviceMonitor:
         self.masks = reference_masks(plan.references().to(device), prompt)  # [P, B, L]
         self.positions = torch.arange(prompt, device=device).expand(b, prompt)
         self.fired = torch.zeros(p, b, dtype=torch.bool, device=device)
+        self.hits = torch.zeros(p, dtype=torch.bool, device=device)  # per monitor: any sequence fired
         self.taps: dict[int, Tap] = {}
         for layer in sorted({layer for layer, _ in plan.monitors}):
             pairs = tuple((i, h) for i, (l, h) in enumerate(plan.monitors) if l == layer)
@@ -72,16 +73,19 @@ class DeviceMonitor:
     def decide(self) -> None:
         """Score the window and set ``fired`` [P, B] (device ops only: capturable)."""
         w, p, b, g, n = self.logits.shape
+        fused = self.logits.is_cuda and have_triton()  # the select's first pass rides on the scores kernel
+        hist = torch.zeros(w * p * b, 256, dtype=torch.int32, device=self.logits.device) if fused else None
         scores = window_scores(self.logits.view(-1, g, n), self.stats.view(w * p * b, g, -1, 2), self.plan.gqa,
-                               self.plan.pool_kernel, out=self.scores.view(-1, n))  # fmt: skip
-        thresholds, ties = kth_largest(scores, self.k)
+                               self.plan.pool_kernel, out=self.scores.view(-1, n), top_histogram=hist)  # fmt: skip
+        thresholds, ties = kth_largest(scores, self.k, top_histogram=hist)
         overlaps = window_overlaps(self.scores, thresholds.view(w, p, b), ties.view(w, p, b), self.masks, self.k)
         self.fired.copy_(self.plan.fire(overlaps))
+        self.hits.copy_(self.fired.any(dim=1))
 
     def act(self) -> dict[int, list[Action]]:
         """After ``decide`` ran: the plan's actions for the monitors that fired (one host read)."""
         self.decisions += 1
-        hits = self.fired.any(dim=1).tolist()
+        hits = self.hits.tolist()
         if not any(hits):
             return {}
         self.fires += sum(hits)

@@ -4,7 +4,9 @@
 a chunk's K/V go to the pages first, then its queries attend causally over everything the
 sequence holds so far, read back from the pages (SDPA). The queries of the policy's window
 (``Requirements.query_window``: the prompt's last W tokens) are recorded on the way, and
-once every layer holds its prompt the policy compresses each layer from them.
+the policy compresses each layer from them right after that layer's attention in the last
+chunk of the batch's last sequence (every sequence then holds its prompt there), so its
+copies to the host and its host work overlap the later layers' compute.
 ``Prefill.run_random`` fills the same pages with random K/V instead and compresses each
 layer, with random queries, as soon as it is written, so peak memory stays near the
 compressed size (benchmarks where prefill time is not the point).
@@ -46,12 +48,12 @@ class Prefill:
             self._allocate_layer(layer)
         record = [torch.zeros(self.batch, mc.num_heads, self.window, mc.head_dim, dtype=self.dtype,
                               device=self.device) for _ in range(mc.num_layers)] if policy else None  # fmt: skip
-        logits = torch.stack([self._sequence(b, seq, record) for b, seq in enumerate(seqs)])
-        if policy is not None:
-            positions = self._window_positions()
-            for layer in range(mc.num_layers):
-                self._compress(layer, record[layer], positions)
-        return logits
+        # the policy compresses each layer as soon as the last chunk of the last sequence has
+        # passed it, while the later layers still run: its transfers and host work overlap them
+        positions = self._window_positions() if policy is not None else None
+        last = len(seqs) - 1
+        return torch.stack([self._sequence(b, seq, record, positions if b == last else None)
+                            for b, seq in enumerate(seqs)])  # fmt: skip
 
     def run_random(self, seed: int) -> None:
         """Random K/V for every prompt token and random queries [B, H_q, W, D] for the policy,
@@ -85,8 +87,11 @@ class Prefill:
                 kv.set_pages(layer, b, h, pages[b, h])
         kv.push_tables(layer)
 
-    def _sequence(self, b: int, tokens: torch.Tensor, record: list[torch.Tensor] | None) -> torch.Tensor:
-        """Sequence ``b`` through the model chunk by chunk. Returns its last token's logits [V]."""
+    def _sequence(self, b: int, tokens: torch.Tensor, record: list[torch.Tensor] | None,
+                  compress: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Sequence ``b`` through the model chunk by chunk. Returns its last token's logits [V].
+        compress: the window's positions, when each layer is to be compressed right after
+        its attention in the last chunk (the batch's last sequence)."""
         engine = self.engine
         length, start = tokens.numel(), engine._starts_host[b]
         chunk = engine.config.prefill_chunk
@@ -101,7 +106,10 @@ class Prefill:
                 keys, values = self.kv.sequence_view(layer, b, e)  # [1, H_kv, e, D]
                 if record is not None:
                     _record_window(record[layer], b, q, s, e, length)
-                return self._attention(q, keys, values, s)
+                out = self._attention(q, keys, values, s)
+                if compress is not None and e == length:
+                    self._compress(layer, record[layer], compress)
+                return out
 
             logits = engine.model(tokens[None, s:e], own[None], attend, last_only=True, ops=engine.ops)
         return logits[0, -1]

@@ -86,9 +86,10 @@ def main() -> None:
     trigger = WindowedOverlap()
     thresholds, ties = kth_largest(scores, k)
 
-    def decide() -> None:
-        window_scores(logits, stats, "max", 5, out=scores)
-        t, c = kth_largest(scores, k)
+    def decide() -> None:  # as DeviceMonitor.decide
+        hist = torch.zeros(w * p * b, 256, dtype=torch.int32, device="cuda")
+        window_scores(logits, stats, "max", 5, out=scores, top_histogram=hist)
+        t, c = kth_largest(scores, k, top_histogram=hist)
         trigger.fire(window_overlaps(scores.view(w, p, b, n), t.view(w, p, b), c.view(w, p, b), masks, k))
 
     bw = bandwidth(torch.device("cuda"), 2 << 30)

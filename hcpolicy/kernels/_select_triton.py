@@ -36,7 +36,7 @@ PASSES = 4
 @triton.jit
 def _histogram_kernel(
     bits_ptr, prefix_ptr, hist_ptr, length,
-    SHIFT: tl.constexpr, HIGH_MASK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr,
+    SHIFT: tl.constexpr, HIGH_MASK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr, SPARSE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     row = tl.program_id(1)
@@ -47,9 +47,12 @@ def _histogram_kernel(
     if HIGH_MASK != 0:  # later passes: only the elements under the prefix found so far
         ok = ok & ((bits & HIGH_MASK) == tl.load(prefix_ptr + row))
     digit = (bits >> SHIFT) & (BINS - 1)  # [BLOCK] in [0, BINS)
-    counts = tl.histogram(digit, BINS, mask=ok)  # [BINS] int32
-    bins = tl.arange(0, BINS)
-    tl.atomic_add(hist_ptr + row * BINS + bins, counts, mask=counts > 0, sem="relaxed")
+    if SPARSE:  # few elements share a 16-bit prefix: one atomic each beats a block histogram
+        tl.atomic_add(hist_ptr + row * BINS + digit, tl.full([BLOCK], 1, tl.int32), mask=ok, sem="relaxed")
+    else:
+        counts = tl.histogram(digit, BINS, mask=ok)  # [BINS] int32
+        bins = tl.arange(0, BINS)
+        tl.atomic_add(hist_ptr + row * BINS + bins, counts, mask=counts > 0, sem="relaxed")
 
 
 @triton.jit
@@ -84,9 +87,13 @@ def _high_mask(shift: int) -> int:
 
 
 def kth_largest_triton(x: torch.Tensor, k: Union[int, torch.Tensor], block: int = BLOCK,
-                       num_warps: int = NUM_WARPS) -> KthLargest:  # fmt: skip
+                       num_warps: int = NUM_WARPS, top_histogram: torch.Tensor | None = None,
+                       sparse: bool = True) -> KthLargest:  # fmt: skip
     """Launch the passes on a validated x (``kth_largest``'s contract). block: elements per
-    histogram program, a power of two >= 256 (tests shrink it to get several per row)."""
+    histogram program, a power of two >= 256 (tests shrink it to get several per row).
+    sparse: the last two passes add one atomic per element under the 16-bit prefix instead
+    of a block histogram (exact either way; faster when few elements share the prefix, as
+    in probability rows; rows of equal values make it slow)."""
     if block < BINS or block & (block - 1):
         raise ValueError(f"block must be a power of two >= {BINS}, got {block}")
     rows, length = x.shape
@@ -98,16 +105,24 @@ def kth_largest_triton(x: torch.Tensor, k: Union[int, torch.Tensor], block: int 
         krem = k.to(torch.int32).clamp(1, length).expand(rows).contiguous()  # [R], overwritten per pass
     else:
         krem = torch.full((rows,), k, dtype=torch.int32, device=x.device)  # [R]
-    hist = torch.zeros(rows, BINS, dtype=torch.int32, device=x.device)  # [R, BINS], zeroed by each scan
+    if top_histogram is not None:  # pass 0's counts came with x
+        if top_histogram.shape != (rows, BINS) or top_histogram.dtype != torch.int32 or not top_histogram.is_contiguous():
+            raise ValueError(f"top_histogram must be a contiguous int32 [{rows}, {BINS}], got "
+                             f"{tuple(top_histogram.shape)} {top_histogram.dtype}")  # fmt: skip
+        hist = top_histogram
+    else:
+        hist = torch.zeros(rows, BINS, dtype=torch.int32, device=x.device)  # [R, BINS], zeroed by each scan
     prefix = torch.empty(rows, dtype=torch.int32, device=x.device)  # [R], first written by pass 0's scan
     bits = x.view(torch.int32)  # [R, L]
     value_bits = values.view(torch.int32)  # [R]
     for p in range(PASSES):
         shift = 24 - 8 * p
-        _histogram_kernel[(triton.cdiv(length, block), rows)](
-            bits, prefix, hist, length,
-            SHIFT=shift, HIGH_MASK=_high_mask(shift), BLOCK=block, BINS=BINS, num_warps=num_warps,
-        )  # fmt: skip
+        if p > 0 or top_histogram is None:
+            _histogram_kernel[(triton.cdiv(length, block), rows)](
+                bits, prefix, hist, length,
+                SHIFT=shift, HIGH_MASK=_high_mask(shift), BLOCK=block, BINS=BINS, SPARSE=sparse and p >= 2,
+                num_warps=num_warps,
+            )  # fmt: skip
         _scan_kernel[(rows,)](
             hist, prefix, krem, value_bits, ties,
             SHIFT=shift, FIRST=p == 0, LAST=p == PASSES - 1, BINS=BINS, num_warps=4,

@@ -16,8 +16,8 @@ import triton.language as tl
 
 @triton.jit
 def _window_scores_kernel(
-    logits_ptr, shift_ptr, out_ptr, length, stride_lr, stride_lg,
-    G: tl.constexpr, POOL: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr,
+    logits_ptr, shift_ptr, out_ptr, hist_ptr, length, stride_lr, stride_lg,
+    G: tl.constexpr, POOL: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr, HIST: tl.constexpr,
 ):  # fmt: skip
     j = tl.program_id(0)
     r = tl.program_id(1)
@@ -48,7 +48,33 @@ def _window_scores_kernel(
             x = x / G
         acc += tl.where(ok, x, 0.0)
         count += ok.to(tl.float32)
-    tl.store(out_ptr + r.to(tl.int64) * length + offs, acc / count, mask=offs < length)
+    pooled = acc / count
+    tl.store(out_ptr + r.to(tl.int64) * length + offs, pooled, mask=offs < length)
+    if HIST:  # the first radix-select pass's counts (kernels.select), while the values are here
+        top = (pooled.to(tl.int32, bitcast=True) & 0x7FFFFFFF) >> 24
+        counts = tl.histogram(top, 256, mask=offs < length)
+        tl.atomic_add(hist_ptr + r * 256 + tl.arange(0, 256), counts, mask=counts > 0, sem="relaxed")
+
+
+@triton.jit
+def _shift_kernel(stats_ptr, shift_ptr, tiles, BLOCK: tl.constexpr):
+    """Program r: row r's tiles (reference max m_t, sum l_t) -> max + log2(sum), base 2."""
+    r = tl.program_id(0)
+    base = stats_ptr + r.to(tl.int64) * tiles * 2
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK], tl.float32)
+    for t0 in range(0, tiles, BLOCK):
+        offs = t0 + tl.arange(0, BLOCK)
+        ok = offs < tiles
+        m_t = tl.load(base + 2 * offs, mask=ok, other=float("-inf"))
+        l_t = tl.load(base + 2 * offs + 1, mask=ok, other=0.0)
+        m_new = tl.maximum(m, m_t)
+        live = m_new > float("-inf")  # lanes with no tile yet stay (-inf, 0)
+        total = tl.where(live, total * tl.exp2(m - m_new) + l_t * tl.exp2(m_t - m_new), 0.0)
+        m = m_new
+    top = tl.max(m, 0)
+    total = tl.sum(tl.where(m > float("-inf"), total * tl.exp2(m - top), 0.0), 0)
+    tl.store(shift_ptr + r, top + tl.log2(total))
 
 
 @triton.jit
@@ -114,23 +140,25 @@ def _overlap_kernel(
 
 
 def window_scores_triton(logits: torch.Tensor, shift: torch.Tensor, reduce: int, pool: int, out: torch.Tensor,
-                         block: int = 512, num_warps: int = 8, two_pass: bool = False) -> None:  # fmt: skip
+                         block: int = 512, num_warps: int = 8, two_pass: bool = False,
+                         hist: torch.Tensor | None = None) -> None:  # fmt: skip
     """logits [R, G, L], shift [R, G] (contiguous float32) -> out [R, L]. ``two_pass``:
     reduce into a scratch row, then pool it (fewer exp2 and loads per key, one more pass).
-    The defaults were the fastest of a sweep on the H200 at 160 rows x 224K keys, G = 4:
+    hist: [R, 256] int32 (zeroed) receives each row's top-byte counts of ``out``
+    (``kernels.select``'s first pass). The defaults were the fastest of a sweep on the H200 at 160 rows x 224K keys, G = 4:
     0.25 ms one-pass (block 512, 8 warps) vs 0.27-0.31 ms two-pass
     (``hcpolicy/bench/results/monitor_profile_h200.json``)."""
     r, g, length = logits.shape
     grid = (triton.cdiv(length, block), r)
-    if two_pass and pool > 1:
+    if two_pass and pool > 1 and hist is None:
         x = torch.empty_like(out)
         _reduce_kernel[grid](logits, shift, x, length, logits.stride(0), logits.stride(1), G=g, REDUCE=reduce,
                              BLOCK=block, num_warps=num_warps)  # fmt: skip
         _pool_kernel[grid](x, out, length, POOL=pool, BLOCK=block, num_warps=num_warps)
         return
     _window_scores_kernel[grid](
-        logits, shift, out, length, logits.stride(0), logits.stride(1),
-        G=g, POOL=pool, REDUCE=reduce, BLOCK=block, num_warps=num_warps,
+        logits, shift, out, out if hist is None else hist, length, logits.stride(0), logits.stride(1),
+        G=g, POOL=pool, REDUCE=reduce, BLOCK=block, HIST=hist is not None, num_warps=num_warps,
     )  # fmt: skip
 
 
@@ -144,3 +172,11 @@ def overlap_counts_triton(scores: torch.Tensor, thresholds: torch.Tensor, masks:
         scores, thresholds, masks.view(torch.uint8), counts, length, masks.shape[0], BLOCK=block, num_warps=8,
     )  # fmt: skip
     return counts
+
+
+def softmax_shift_triton(stats: torch.Tensor) -> torch.Tensor:
+    """stats [..., T, 2] (contiguous float32) -> [...]: each row's max + log2(sum), one launch."""
+    rows, tiles = stats[..., 0, 0].numel(), stats.shape[-2]
+    shift = torch.empty(stats.shape[:-2], dtype=torch.float32, device=stats.device)
+    _shift_kernel[(rows,)](stats, shift, tiles, BLOCK=1024, num_warps=4)
+    return shift

@@ -65,14 +65,21 @@ class ChunkPlan:
     n_chunks: int
 
 
-def plan_chunks(max_length: int, batch: int, kv_heads: int, n_sm: int, config: DecodeConfig) -> ChunkPlan:
+def plan_chunks(max_length: int, batch: int, kv_heads: int, n_sm: int, config: DecodeConfig,
+                work: int | None = None) -> ChunkPlan:  # fmt: skip
     """Split segments of up to ``max_length`` rows into equal chunks, so that a batch whose
     segments are all that long gives about ``programs_per_sm * n_sm`` programs (B=1, H_kv=8
     on 132 SMs, defaults: 128 chunks a head, 1024 programs, of 256 rows at 32K, 1024 at
-    128K, 1792 at 224K). Depends on host ints only, so a fixed ``max_length`` gives a fixed
-    grid (CUDA graphs)."""
-    splits = max(1, -(-config.programs_per_sm * n_sm // max(1, batch * kv_heads)))
-    chunk = -(-max(1, max_length) // splits)
+    128K, 1792 at 224K). ``work``: the rows of all segments together, when the caller knows
+    them (host int): then the chunk is sized so that those rows, not max-length segments,
+    give that many programs (segments of uneven lengths would otherwise leave a last wave
+    mostly empty). Depends on host ints only, so fixed arguments give a fixed grid (CUDA
+    graphs)."""
+    target = config.programs_per_sm * n_sm
+    if work is not None:
+        chunk = -(-max(1, work) // target)
+    else:
+        chunk = -(-max(1, max_length) // max(1, -(-target // max(1, batch * kv_heads))))
     chunk = max(config.min_chunk, -(-chunk // config.block_n) * config.block_n)
     return ChunkPlan(chunk=chunk, n_chunks=max(1, -(-max_length // chunk)))
 

@@ -77,7 +77,8 @@ def _have_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def kth_largest(x: torch.Tensor, k: Union[int, torch.Tensor], *, backend: Backend = "auto") -> KthLargest:
+def kth_largest(x: torch.Tensor, k: Union[int, torch.Tensor], *, backend: Backend = "auto",
+                top_histogram: torch.Tensor | None = None) -> KthLargest:  # fmt: skip
     """x: [R, L] float32, contiguous, every value >= 0 and finite (probabilities, scores);
     k: a host int in [1, L], or an integer tensor (a scalar or [R], per row) on x's device.
     Returns ``KthLargest(values [R] float32, ties [R] int64)``: ``values[r]`` equals
@@ -87,7 +88,11 @@ def kth_largest(x: torch.Tensor, k: Union[int, torch.Tensor], *, backend: Backen
     Neither path syncs the host, so with a host int k (or a tensor k) the call can be
     captured in a CUDA graph. Not checked, since that would sync: x's values (a negative
     or NaN gives unspecified results) and a tensor k's values (both paths clamp them into
-    [1, L]). backend: 'auto' runs triton on CUDA when it is installed, torch otherwise;
+    [1, L]). top_histogram: [R, 256] int32, the counts of each row's top byte (bits 24-31
+    of ``x``'s float32 bits, sign cleared), if the kernel that wrote ``x`` counted them
+    (``window_scores`` can): the Triton path then skips its first pass over ``x`` (it
+    zeroes the tensor as it goes; the torch path ignores it). backend: 'auto' runs triton
+    on CUDA when it is installed, torch otherwise;
     'triton' raises ValueError where it cannot run.
     """
     _validate(x, k)
@@ -95,7 +100,7 @@ def kth_largest(x: torch.Tensor, k: Union[int, torch.Tensor], *, backend: Backen
         return kth_largest_reference(x, k)
     from hcpolicy.kernels._select_triton import kth_largest_triton
 
-    return kth_largest_triton(x, k)
+    return kth_largest_triton(x, k, top_histogram=top_histogram)
 
 
 def kth_largest_reference(x: torch.Tensor, k: Union[int, torch.Tensor]) -> KthLargest:

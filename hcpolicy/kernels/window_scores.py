@@ -34,9 +34,11 @@ def window_scores_reference(logits: torch.Tensor, stats: torch.Tensor, gqa: Redu
 
 
 def window_scores(logits: torch.Tensor, stats: torch.Tensor, gqa: Reduce, pool: int,
-                  out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                  out: torch.Tensor | None = None, top_histogram: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """[R, G, L] logits and [R, G, T, 2] stats (float32, contiguous) -> [R, L] float32,
-    written to ``out`` when given. No host sync (CUDA-graph safe)."""
+    written to ``out`` when given. top_histogram: a zeroed [R, 256] int32 that the Triton
+    path fills with each output row's top-byte counts, for ``select.kth_largest`` (the
+    torch path leaves it alone: pass it on only from CUDA). No host sync (CUDA-graph safe)."""
     if logits.ndim != 3 or stats.ndim != 4 or stats.shape[:2] != logits.shape[:2] or stats.shape[-1] != 2:
         raise ValueError(f"logits must be [R, G, L] and stats [R, G, T, 2], got {tuple(logits.shape)} and "
                          f"{tuple(stats.shape)}")  # fmt: skip
@@ -52,10 +54,10 @@ def window_scores(logits: torch.Tensor, stats: torch.Tensor, gqa: Reduce, pool: 
     elif out.shape != (r, length) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 [{r}, {length}], got {tuple(out.shape)} {out.dtype}")
     if logits.is_cuda and _have_triton():
-        from hcpolicy.kernels._window_scores_triton import window_scores_triton
+        from hcpolicy.kernels._window_scores_triton import softmax_shift_triton, window_scores_triton
 
-        top, total = softmax_sums(stats)
-        window_scores_triton(logits.contiguous(), (top + torch.log2(total)).contiguous(), REDUCE[gqa], pool, out)
+        shift = softmax_shift_triton(stats.contiguous())  # [R, G]
+        window_scores_triton(logits.contiguous(), shift, REDUCE[gqa], pool, out, hist=top_histogram)
         return out
     out.copy_(window_scores_reference(logits, stats, gqa, pool))
     return out

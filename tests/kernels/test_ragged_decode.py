@@ -114,6 +114,22 @@ def test_plan_fills_the_chip_at_batch_one(max_length: int) -> None:
     assert 0.9 * config.programs_per_sm * 132 <= 8 * plan.n_chunks <= 1.1 * config.programs_per_sm * 132
 
 
+def test_plan_by_work_fills_the_chip_with_uneven_heads() -> None:
+    """HeteroCache-like layer at 224K: 2 full heads and 6 at 38%: sized by max length only
+    the working programs fill 4.2 waves (a last wave 17% full); sized by the total rows
+    they give about programs_per_sm per SM, and the chunks still cover the longest head."""
+    config, n = DecodeConfig(), 229376
+    lengths = [n, n] + [int(0.38 * n)] * 6
+    target = config.programs_per_sm * 132
+    working = lambda plan: sum(-(-length // plan.chunk) for length in lengths)  # noqa: E731
+    by_length = plan_chunks(n, 1, 8, 132, config)
+    by_work = plan_chunks(n, 1, 8, 132, config, work=sum(lengths))
+    assert working(by_length) < 0.6 * target
+    assert 0.9 * target <= working(by_work) <= 1.1 * target
+    assert by_work.n_chunks * by_work.chunk >= n and by_work.chunk % config.block_n == 0
+    assert plan_chunks(n, 1, 8, 132, config, work=8 * n) == by_length  # equal heads: the same plan
+
+
 @pytest.mark.parametrize(
     "bad", [dict(block_n=48), dict(block_n=8), dict(num_warps=3), dict(min_chunk=100), dict(programs_per_sm=0)]
 )

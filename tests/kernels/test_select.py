@@ -120,7 +120,8 @@ def test_backend_choice() -> None:
 
 
 # Each case: R = 3 rows of L = 1000, with block 256 (four histogram programs a row, the
-# last one partial, so the atomics add across programs) and the default block (one masked
+# last one partial, so the atomics add across programs; sparse last passes and block histograms
+# both) and the default block (one masked
 # program). Rows: ties from a small set with zeros, many exponents (subnormals, zeros,
 # huge values, -0.0), uniform. Both results come back as int32 bits and must be equal.
 INTERPRETER_SCRIPT = r"""
@@ -138,9 +139,9 @@ x[2] = torch.rand(1000, generator=gen)
 x[2, 500:700] = x[2, 100]  # a long run of one value
 ks = [1, 2, 3, 41, 333, 500, 640, 999, 1000, torch.tensor([7, 950, 300])]
 results = []
-for block in (256, BLOCK):
+for block, sparse in ((256, True), (256, False), (BLOCK, True)):
     for k in ks:
-        got = kth_largest_triton(x, k, block=block)
+        got = kth_largest_triton(x, k, block=block, sparse=sparse)
         ref = kth_largest_reference(x, k)
         results.append(dict(block=block, k=k.tolist() if isinstance(k, torch.Tensor) else k,
                             got=got.values.view(torch.int32).tolist(), ref=ref.values.view(torch.int32).tolist(),
@@ -162,7 +163,7 @@ def test_triton_kernels_under_interpreter() -> None:
         pytest.skip(f"triton {triton.__version__} has no masked tl.histogram")
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.split("RESULTS ", 1)[1])
-    assert len(results) == 20
+    assert len(results) == 30
     for r in results:
         assert r["got"] == r["ref"] and r["got_ties"] == r["ref_ties"], r
     assert {t for r in results for t in r["ref_ties"]} - {1}, "no case had ties"

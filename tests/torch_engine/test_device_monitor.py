@@ -112,7 +112,8 @@ import json, torch
 from engine_helpers import random_paged
 from hcpolicy.kernels.ragged_decode import DecodeConfig
 from hcpolicy.kernels.window_scores import window_scores_reference, softmax_sums
-from hcpolicy.kernels._window_scores_triton import overlap_counts_triton, window_scores_triton
+from hcpolicy.kernels._window_scores_triton import overlap_counts_triton, softmax_shift_triton, window_scores_triton
+from hcpolicy.kernels._select_triton import kth_largest_triton
 from hcpolicy.backends.torch_engine._paged_decode_triton import paged_decode_triton
 from hcpolicy.backends.torch_engine.decode import Tap, paged_decode_torch
 gen = torch.Generator().manual_seed(0)
@@ -142,6 +143,15 @@ for reduce, name in enumerate(("max", "mean", "sum")):
     m, s = softmax_sums(stats)
     window_scores_triton(logits, (m + torch.log2(s)).contiguous(), reduce, 5, got, block=128)
     res[name] = float(((got - want).abs() / want.abs()).max())
+hist = torch.zeros(5, 256, dtype=torch.int32)
+got = torch.empty(5, 300)
+window_scores_triton(logits, (m + torch.log2(s)).contiguous(), 0, 5, got, block=128, hist=hist)
+tops = (got.view(torch.int32) & 0x7FFFFFFF) >> 24
+res["hist_equal"] = bool(torch.equal(hist, torch.stack([torch.bincount(t, minlength=256) for t in tops]).int()))
+fused = kth_largest_triton(got, 100, block=256, top_histogram=hist)
+plain = kth_largest_triton(got, 100, block=256)
+res["shift"] = float((softmax_shift_triton(stats) - (m + torch.log2(s))).abs().max())
+res["select_equal"] = bool(torch.equal(fused.values, plain.values) and torch.equal(fused.ties, plain.ties))
 scores = torch.randint(0, 50, (6, 700), generator=gen).float()
 thresholds = torch.tensor([10.0, 25, 0, 49, 30, 20])
 masks = torch.rand(3, 700, generator=gen) < 0.4
@@ -170,3 +180,4 @@ def test_triton_tap_and_window_scores_under_interpreter():
     assert res["out"] < 1e-5 and res["untouched"], res
     assert res["logits"] < 1e-5 and res["stats"] < 1e-5, res
     assert max(res["max"], res["mean"], res["sum"]) < 1e-5 and res["counts_equal"], res
+    assert res["hist_equal"] and res["select_equal"] and res["shift"] < 1e-5, res  # the select's first pass fused into the scores
