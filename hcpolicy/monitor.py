@@ -51,10 +51,6 @@ class WindowPlan:
     fire: Callable[[torch.Tensor], torch.Tensor]
     act: Act
 
-    def layer_monitors(self, layer: int) -> list[tuple[int, int]]:
-        """(p, KV head) of the monitors of ``layer``."""
-        return [(p, h) for p, (l, h) in enumerate(self.monitors) if l == layer]
-
 
 def reference_masks(references: torch.Tensor, universe: int) -> torch.Tensor:
     """Index sets [P, B, k] -> membership masks [P, B, universe] bool."""

@@ -204,9 +204,11 @@ class Engine:
         if self.query_hook is not None:
             reasons.append("a query_hook rewrites what the policy sees")
         if plan is not None and self.observer.period != plan.window:
-            reasons.append(f"observations come every {self.observer.period} steps, the plan decides every {plan.window}")
+            reasons.append(f"observations come every {self.observer.period} steps, the plan decides every "
+                           f"{plan.window}")  # fmt: skip
         if plan is not None and not reasons:
-            short = [(l, h) for l, h in plan.monitors if bool((self.kv.host_lengths[l, : self.batch, h] < self.prompt_length).any())]
+            held = self.kv.host_lengths[:, : self.batch]  # [N, B, H] host
+            short = [(l, h) for l, h in plan.monitors if bool((held[l, :, h] < self.prompt_length).any())]
             if short:
                 reasons.append(f"monitored heads {short[:3]} do not keep their whole prompt on the device")
         if reasons:

@@ -118,7 +118,8 @@ class StepRandomWalk:
         if self.bank is None:  # eager: the graph's warm-up step, before capture
             first = q[:, :, 0].float()
             rest = self.walk._walk(first.unsqueeze(0), self.steps - 1)[0]  # [B, H_q, steps - 1, D]
-            self.walks[layer] = torch.cat([first.unsqueeze(2), rest], dim=2).to(q.dtype).permute(2, 0, 1, 3).unsqueeze(3)
+            walk = torch.cat([first.unsqueeze(2), rest], dim=2).to(q.dtype)  # [B, H_q, steps, D]
+            self.walks[layer] = walk.permute(2, 0, 1, 3).unsqueeze(3)
             if len(self.walks) < self.layers:
                 return self.walks[layer][0]
             self.bank = torch.stack([self.walks[i] for i in range(self.layers)], dim=1)

@@ -106,7 +106,8 @@ def kth_largest_triton(x: torch.Tensor, k: Union[int, torch.Tensor], block: int 
     else:
         krem = torch.full((rows,), k, dtype=torch.int32, device=x.device)  # [R]
     if top_histogram is not None:  # pass 0's counts came with x
-        if top_histogram.shape != (rows, BINS) or top_histogram.dtype != torch.int32 or not top_histogram.is_contiguous():
+        t = top_histogram
+        if t.shape != (rows, BINS) or t.dtype != torch.int32 or not t.is_contiguous():
             raise ValueError(f"top_histogram must be a contiguous int32 [{rows}, {BINS}], got "
                              f"{tuple(top_histogram.shape)} {top_histogram.dtype}")  # fmt: skip
         hist = top_histogram

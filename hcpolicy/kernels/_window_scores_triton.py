@@ -145,7 +145,8 @@ def window_scores_triton(logits: torch.Tensor, shift: torch.Tensor, reduce: int,
     """logits [R, G, L], shift [R, G] (contiguous float32) -> out [R, L]. ``two_pass``:
     reduce into a scratch row, then pool it (fewer exp2 and loads per key, one more pass).
     hist: [R, 256] int32 (zeroed) receives each row's top-byte counts of ``out``
-    (``kernels.select``'s first pass). The defaults were the fastest of a sweep on the H200 at 160 rows x 224K keys, G = 4:
+    (``kernels.select``'s first pass). The defaults were the fastest of a sweep on the H200
+    at 160 rows x 224K keys, G = 4:
     0.25 ms one-pass (block 512, 8 warps) vs 0.27-0.31 ms two-pass
     (``hcpolicy/bench/results/monitor_profile_h200.json``)."""
     r, g, length = logits.shape

@@ -33,8 +33,10 @@ def window_scores_reference(logits: torch.Tensor, stats: torch.Tensor, gqa: Redu
     return pool1d(group_reduce(probs, 1, gqa)[:, 0], pool)
 
 
-def window_scores(logits: torch.Tensor, stats: torch.Tensor, gqa: Reduce, pool: int,
-                  out: torch.Tensor | None = None, top_histogram: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def window_scores(
+    logits: torch.Tensor, stats: torch.Tensor, gqa: Reduce, pool: int, out: torch.Tensor | None = None,
+    top_histogram: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """[R, G, L] logits and [R, G, T, 2] stats (float32, contiguous) -> [R, L] float32,
     written to ``out`` when given. top_histogram: a zeroed [R, 256] int32 that the Triton
     path fills with each output row's top-byte counts, for ``select.kth_largest`` (the

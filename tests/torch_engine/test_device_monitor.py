@@ -64,7 +64,9 @@ def test_device_decisions_equal_the_policys(model, tau, batch, faithful):
 
 
 def test_device_decisions_errors_and_fallback(model):
-    policy = lambda engine, **kw: HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6, **kw)  # noqa: E731
+    def policy(engine, **kw):
+        return HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6, **kw)
+
     engine = engine_of(model, device_decisions=True)
     with pytest.raises(ValueError, match="differ in length"):
         engine.generate([ids(90, 1)[0].tolist(), ids(70, 2)[0].tolist()], 4, policy(engine))
@@ -157,7 +159,8 @@ thresholds = torch.tensor([10.0, 25, 0, 49, 30, 20])
 masks = torch.rand(3, 700, generator=gen) < 0.4
 got = overlap_counts_triton(scores, thresholds, masks, block=256).long()
 member = masks.repeat(2, 1)
-want = torch.stack([((scores > thresholds[:, None]) & member).sum(-1), ((scores == thresholds[:, None]) & member).sum(-1)], -1)
+t = thresholds[:, None]
+want = torch.stack([((scores > t) & member).sum(-1), ((scores == t) & member).sum(-1)], -1)
 res["counts_equal"] = bool(torch.equal(got, want))
 print("RESULTS " + json.dumps(res))
 """
@@ -180,4 +183,5 @@ def test_triton_tap_and_window_scores_under_interpreter():
     assert res["out"] < 1e-5 and res["untouched"], res
     assert res["logits"] < 1e-5 and res["stats"] < 1e-5, res
     assert max(res["max"], res["mean"], res["sum"]) < 1e-5 and res["counts_equal"], res
-    assert res["hist_equal"] and res["select_equal"] and res["shift"] < 1e-5, res  # the select's first pass fused into the scores
+    # the select's first pass, fused into the scores kernel
+    assert res["hist_equal"] and res["select_equal"] and res["shift"] < 1e-5, res
