@@ -14,13 +14,15 @@ Parts (``--parts``, comma list; default all; split them over several calls if ne
   e  capacity at 128K: concurrent sequences that fit with full KV vs HeteroCache C=0.3
      (satellites on the host), and tokens/s of each from a measured batched decode
 
-Step kinds: 'decision' steps call the policy (every decode_period steps; it scores and may
-issue recalls, ``recalls`` / ``h2d_bytes`` / ``recalled_rows`` / ``moved_rows`` say what
+Step kinds: 'decision' steps end a drift window (every decode_period steps): the engine
+scores it on the device and the policy may issue recalls (--device-decisions off: the
+policy scores it; ``recalls`` / ``h2d_bytes`` / ``recalled_rows`` / ``moved_rows`` say what
 moved); 'landing' steps start with a recall pending (next_step: the replay waits for it;
 async: finished copies switch pages; eager_step: the step runs eagerly); the rest 'plain'.
 
---drift: what the policy's monitor queries look like (attention itself always runs on the
-model's real queries, so the step's cost is the same; only HeteroCache's decisions change):
+--drift: what the policy's monitor queries look like (only HeteroCache's decisions change,
+not the step's cost; with device decisions the walk below replaces the step's own queries,
+``StepRandomWalk``, since the decode kernel taps them; otherwise only what the policy sees):
   random     the model's own queries over random K/V (today's bench): nearly every window
              fires and ~60% of a satellite's rows change per recall;
   realistic  per layer, the first decode query q_0 is the model's; after it each step's

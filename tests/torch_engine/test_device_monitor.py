@@ -75,6 +75,13 @@ def test_device_decisions_errors_and_fallback(model):
     inline = Engine(model, EngineConfig(max_seq_len=256, page_size=8, observe="inline", device_decisions=True))
     with pytest.raises(ValueError, match="inline"):
         inline.generate(ids(90, 1).tolist(), 4, policy(inline))
+    per_step = engine_of(model, device_decisions=True, batch_observations=False)
+    with pytest.raises(ValueError, match="observations come every 1 steps"):
+        per_step.generate(ids(90, 1).tolist(), 4, policy(per_step))
+    hooked = engine_of(model, device_decisions=True)
+    hooked.query_hook = lambda layer, step, queries: queries
+    with pytest.raises(ValueError, match="query_hook"):
+        hooked.generate(ids(90, 1).tolist(), 4, policy(hooked))
     auto = engine_of(model)  # None: the policy scores where the engine cannot
     auto.generate([ids(90, 1)[0].tolist(), ids(70, 2)[0].tolist()], 4, policy(auto))
     assert auto.monitor is None
