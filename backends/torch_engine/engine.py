@@ -43,7 +43,7 @@ from .fused import resolve_ops
 from .graphs import DecisionGraph, DecodeGraph
 from .kv import PagedKV
 from .model import Transformer
-from .monitor import DeviceMonitor
+from .monitor import DeviceMonitor, monitor_for
 from .observer import DecodeObserver
 from .prefill import Prefill
 
@@ -89,7 +89,7 @@ class Engine:
         # benches only: (layer, q [B, H_q, 1, D]) -> the decode query the step uses (device ops)
         self.step_query_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None
         self.monitor: DeviceMonitor | None = None
-        self._monitors_made = 0
+        self.monitors_made = 0
         self._decision_graph: DecisionGraph | None = None
         self._graphs: dict[tuple, DecodeGraph] = {}
         self.policy: Policy | None = None
@@ -185,38 +185,7 @@ class Engine:
         b = self.batch
         self._logical[:b] = self.prompt_length
         self._rope_pos[:b, 0] = torch.tensor(lengths, device=self.device)
-        self.monitor = self._make_monitor()
-
-    def _make_monitor(self) -> DeviceMonitor | None:
-        """A DeviceMonitor when the policy offers a WindowPlan and the engine can score it
-        (``EngineConfig.device_decisions``: None = when it can, True = or a ValueError)."""
-        want = self.config.device_decisions
-        if want is False or self.policy is None:
-            return None
-        plan = self.policy.window_plan()
-        reasons = []
-        if plan is None:
-            reasons.append(f"{type(self.policy).__name__} offers no WindowPlan now")
-        if not self.deferred:
-            reasons.append("observations are inline (device decisions run after the step: observe='deferred')")
-        if self.starts is not None:
-            reasons.append("the prompts differ in length")
-        if self.query_hook is not None:
-            reasons.append("a query_hook rewrites what the policy sees")
-        if plan is not None and self.observer.period != plan.window:
-            reasons.append(f"observations come every {self.observer.period} steps, the plan decides every "
-                           f"{plan.window}")  # fmt: skip
-        if plan is not None and not reasons:
-            held = self.kv.host_lengths[:, : self.batch]  # [N, B, H] host
-            short = [(l, h) for l, h in plan.monitors if bool((held[l, :, h] < self.prompt_length).any())]
-            if short:
-                reasons.append(f"monitored heads {short[:3]} do not keep their whole prompt on the device")
-        if reasons:
-            if want:
-                raise ValueError("device_decisions=True, but: " + "; ".join(reasons))
-            return None
-        self._monitors_made += 1
-        return DeviceMonitor(self, plan, self.prompt_length)
+        self.monitor = monitor_for(self)
 
     # -- decode --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -247,7 +216,7 @@ class Engine:
     def _graph(self) -> DecodeGraph:
         bound = self._entries_bound  # no head holds more entries than this in this generation
         key = (self.batch, bound, self.observer.active, self.observer.period,
-               self._monitors_made if self.monitor is not None else 0)  # the taps' buffers are baked in
+               self.monitors_made if self.monitor is not None else 0)  # the taps' buffers are baked in
         graph = self._graphs.get(key)
         if graph is None:
             self._graphs.clear()  # one graph per generation shape; older ones hold memory

@@ -12,7 +12,7 @@ a decision step) and asks the plan for actions only if something did.
 
 Serves batches whose prompts all have one length (the ring's key range is the prompt),
 monitored heads that keep their whole prompt on the device, and the torch or Triton
-decode kernels.
+decode kernels; ``monitor_for`` checks that after prefill (and says why not).
 """
 
 from __future__ import annotations
@@ -93,3 +93,36 @@ class DeviceMonitor:
         idx = torch.tensor([i for i, hit in enumerate(hits) if hit], device=self.fired.device)
         self.masks[idx] = reference_masks(self.plan.references()[idx], self.prompt)  # the moved references
         return actions
+
+
+def monitor_for(engine: "Engine") -> DeviceMonitor | None:
+    """After prefill: a DeviceMonitor when the policy offers a WindowPlan and the engine can
+    score it (``EngineConfig.device_decisions``: None = when it can, True = or a ValueError,
+    False = never)."""
+    want, policy = engine.config.device_decisions, engine.policy
+    if want is False or policy is None:
+        return None
+    plan = policy.window_plan()
+    reasons = []
+    if plan is None:
+        reasons.append(f"{type(policy).__name__} offers no WindowPlan now")
+    if not engine.deferred:
+        reasons.append("observations are inline (device decisions run after the step: observe='deferred')")
+    if engine.starts is not None:
+        reasons.append("the prompts differ in length")
+    if engine.query_hook is not None:
+        reasons.append("a query_hook rewrites what the policy sees")
+    if plan is not None and engine.observer.period != plan.window:
+        reasons.append(f"observations come every {engine.observer.period} steps, the plan decides every "
+                       f"{plan.window}")  # fmt: skip
+    if plan is not None and not reasons:
+        held = engine.kv.host_lengths[:, : engine.batch]  # [N, B, H] host
+        short = [(l, h) for l, h in plan.monitors if bool((held[l, :, h] < engine.prompt_length).any())]
+        if short:
+            reasons.append(f"monitored heads {short[:3]} do not keep their whole prompt on the device")
+    if reasons:
+        if want:
+            raise ValueError("device_decisions=True, but: " + "; ".join(reasons))
+        return None
+    engine.monitors_made += 1
+    return DeviceMonitor(engine, plan, engine.prompt_length)
