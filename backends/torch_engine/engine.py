@@ -242,7 +242,7 @@ class Engine:
         if self.step_query_hook is not None:
             q = self.step_query_hook(layer, q)
         kv.append(layer, k, v, self._logical[:b], fused=self.ops.fused)
-        if self.observer.active:
+        if self.observer.active and self.monitor is None:  # a DeviceMonitor taps the kernel instead
             self.observer.record(layer, q)
         if self._in_graph:
             bound = self._bound
