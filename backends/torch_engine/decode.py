@@ -16,17 +16,17 @@ A head with no entries gives zeros. ``page_size = 1`` turns the table into a row
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 from typing import Literal
 
 import attrs
 import torch
 
+from hcpolicy.kernels._triton import have_triton
 from hcpolicy.kernels.ragged_decode import DecodeConfig
 
 DecodeKernel = Literal["auto", "triton", "torch"]
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LOG2E = math.log2(math.e)
 
 
@@ -52,12 +52,6 @@ class Tap:
     slot: torch.Tensor
     prompt: int
     tile: int
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-@functools.lru_cache(maxsize=None)
-def have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_kernel(kernel: DecodeKernel, device: torch.device) -> str:

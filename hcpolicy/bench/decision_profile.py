@@ -16,8 +16,10 @@ from hcpolicy.observe import LayerCache
 from hcpolicy.scores import attention_weights, group_reduce, overlap, pool1d, topk_sets
 
 
-def timeit(fn, reps: int = 5) -> float:
-    fn()
+def timeit(fn, reps: int = 5, warmup: int = 1) -> float:
+    """Median ms of ``fn`` over ``reps`` runs (CUDA events) after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

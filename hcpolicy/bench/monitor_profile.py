@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
 from hcpolicy.backends.torch_engine.bench import bandwidth
+from hcpolicy.bench.decision_profile import timeit
 from hcpolicy.drift import WindowedOverlap
 from hcpolicy.kernels.select import kth_largest
 from hcpolicy.kernels.window_scores import window_scores
@@ -27,17 +27,7 @@ from hcpolicy.monitor import window_overlaps
 
 
 def timed(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    return timeit(fn, reps, warmup=2)
 
 
 def tap_cost(n: int, reps: int) -> dict[str, float]:

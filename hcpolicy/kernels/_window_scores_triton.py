@@ -15,6 +15,30 @@ import triton.language as tl
 
 
 @triton.jit
+def _group_probs(row, shifts, keys, ok, stride_lg, G: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr):
+    """The G query heads' probabilities at ``keys`` of one row, reduced: [BLOCK].
+    probability = exp2(logit - shift), shift = the row's max + log2(its sum)."""
+    x = tl.zeros([BLOCK], tl.float32)
+    for g in tl.static_range(G):
+        s = tl.load(row + g * stride_lg + keys, mask=ok, other=float("-inf")) - tl.load(shifts + g)
+        if REDUCE == 0:  # max of probabilities = exp2 of the max: one exp2 per key
+            if g == 0:
+                x = s
+            else:
+                x = tl.maximum(x, s)
+        else:
+            if g == 0:
+                x = tl.exp2(s)
+            else:
+                x = x + tl.exp2(s)
+    if REDUCE == 0:
+        x = tl.exp2(x)
+    if REDUCE == 1:
+        x = x / G
+    return x
+
+
+@triton.jit
 def _window_scores_kernel(
     logits_ptr, shift_ptr, out_ptr, hist_ptr, length, stride_lr, stride_lg,
     G: tl.constexpr, POOL: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr, HIST: tl.constexpr,
@@ -28,24 +52,7 @@ def _window_scores_kernel(
     for i in tl.static_range(POOL):
         keys = offs + (i - POOL // 2)
         ok = (keys >= 0) & (keys < length)
-        x = tl.zeros([BLOCK], tl.float32)
-        for g in tl.static_range(G):
-            # probability = exp2(logit - shift), shift = the row's max + log2(its sum)
-            s = tl.load(row + g * stride_lg + keys, mask=ok, other=float("-inf")) - tl.load(shift_ptr + r * G + g)
-            if REDUCE == 0:  # max of probabilities = exp2 of the max: one exp2 per key
-                if g == 0:
-                    x = s
-                else:
-                    x = tl.maximum(x, s)
-            else:
-                if g == 0:
-                    x = tl.exp2(s)
-                else:
-                    x = x + tl.exp2(s)
-        if REDUCE == 0:
-            x = tl.exp2(x)
-        if REDUCE == 1:
-            x = x / G
+        x = _group_probs(row, shift_ptr + r * G, keys, ok, stride_lg, G, REDUCE, BLOCK)
         acc += tl.where(ok, x, 0.0)
         count += ok.to(tl.float32)
     pooled = acc / count
@@ -86,23 +93,7 @@ def _reduce_kernel(logits_ptr, shift_ptr, out_ptr, length, stride_lr, stride_lg,
     offs = j * BLOCK + tl.arange(0, BLOCK)
     ok = offs < length
     row = logits_ptr + r.to(tl.int64) * stride_lr
-    x = tl.zeros([BLOCK], tl.float32)
-    for g in tl.static_range(G):
-        s = tl.load(row + g * stride_lg + offs, mask=ok, other=float("-inf")) - tl.load(shift_ptr + r * G + g)
-        if REDUCE == 0:
-            if g == 0:
-                x = s
-            else:
-                x = tl.maximum(x, s)
-        else:
-            if g == 0:
-                x = tl.exp2(s)
-            else:
-                x = x + tl.exp2(s)
-    if REDUCE == 0:
-        x = tl.exp2(x)
-    if REDUCE == 1:
-        x = x / G
+    x = _group_probs(row, shift_ptr + r * G, offs, ok, stride_lg, G, REDUCE, BLOCK)
     tl.store(out_ptr + r.to(tl.int64) * length + offs, x, mask=ok)
 
 

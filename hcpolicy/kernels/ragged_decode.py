@@ -14,14 +14,13 @@ gives zeros (it is not rejected: rejecting would need a host sync).
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from typing import Optional
 
 import attrs
 import torch
 
 from hcpolicy._validate import integer
+from hcpolicy.kernels._triton import have_triton
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -140,18 +139,13 @@ def ragged_decode_attention(
     sync); the reference checks them. config: kernel launch settings (CUDA only).
     """
     _validate(q, kv, starts, lengths, max_length, out)
-    if not q.is_cuda or not _have_triton():
+    if not q.is_cuda or not have_triton():
         return ragged_decode_reference(q, kv, starts, lengths, scale, max_length=max_length, out=out)
     from hcpolicy.kernels._ragged_decode_triton import ragged_decode_triton
 
     if max_length is None:
         max_length = int(lengths.max()) if lengths.numel() else 0  # the one host sync, documented above
     return ragged_decode_triton(q, kv, starts, lengths, float(scale), max_length, out, config or DecodeConfig())
-
-
-@functools.lru_cache(maxsize=None)
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def ragged_decode_reference(

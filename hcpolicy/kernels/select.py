@@ -13,11 +13,11 @@ per-row k) and one comparison.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from typing import Literal, NamedTuple, Union
 
 import torch
+
+from hcpolicy.kernels._triton import have_triton
 
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS = ("auto", "triton", "torch")
@@ -63,18 +63,13 @@ def _resolve(backend: str, x: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    usable = x.is_cuda and _have_triton()
+    usable = x.is_cuda and have_triton()
     if backend == "triton" and not usable:
         raise ValueError(
             f"backend='triton' needs a CUDA tensor and triton installed, got a {x.device.type} tensor"
-            f"{'' if _have_triton() else ' and no triton'}"
+            f"{'' if have_triton() else ' and no triton'}"
         )
     return "triton" if usable else "torch"
-
-
-@functools.lru_cache(maxsize=None)
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def kth_largest(x: torch.Tensor, k: Union[int, torch.Tensor], *, backend: Backend = "auto",

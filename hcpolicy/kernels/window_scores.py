@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from hcpolicy.kernels._triton import have_triton
 from hcpolicy.scores import Reduce, group_reduce, pool1d
 
 REDUCE = {"max": 0, "mean": 1, "sum": 2}
@@ -55,7 +56,7 @@ def window_scores(
         out = torch.empty(r, length, dtype=torch.float32, device=logits.device)
     elif out.shape != (r, length) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 [{r}, {length}], got {tuple(out.shape)} {out.dtype}")
-    if logits.is_cuda and _have_triton():
+    if logits.is_cuda and have_triton():
         from hcpolicy.kernels._window_scores_triton import softmax_shift_triton, window_scores_triton
 
         shift = softmax_shift_triton(stats.contiguous())  # [R, G]
@@ -65,12 +66,6 @@ def window_scores(
     return out
 
 
-def _have_triton() -> bool:
-    from hcpolicy.kernels.ragged_decode import _have_triton as have
-
-    return have()
-
-
 def overlap_counts(scores: torch.Tensor, thresholds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """scores [R, L] float32, thresholds [R], masks [M, L] bool (row r is compared with
     mask row r % M) -> [R, 2] int64: mask members above the threshold, and equal to it.
@@ -78,7 +73,7 @@ def overlap_counts(scores: torch.Tensor, thresholds: torch.Tensor, masks: torch.
     if scores.ndim != 2 or masks.ndim != 2 or masks.shape[1] != scores.shape[1] or scores.shape[0] % masks.shape[0]:
         raise ValueError(f"scores must be [R, L] and masks [M, L] with M dividing R, got {tuple(scores.shape)} and "
                          f"{tuple(masks.shape)}")  # fmt: skip
-    if scores.is_cuda and _have_triton():
+    if scores.is_cuda and have_triton():
         from hcpolicy.kernels._window_scores_triton import overlap_counts_triton
 
         return overlap_counts_triton(scores.contiguous(), thresholds.contiguous(), masks.contiguous()).long()

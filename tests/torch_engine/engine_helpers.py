@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 from hcpolicy.classify import build_profile
@@ -94,3 +100,40 @@ def random_paged(lengths: list[list[int]], dim: int, page_size: int, dtype: torc
             values[b].append(kv[rows, 1])
     lens = torch.tensor(lengths, dtype=torch.int64)
     return kv.to(device), table.to(device), lens.to(device), keys, values
+
+
+def small_llama(folder: Path) -> Any:
+    """The engine's model of a tiny random Llama (8 query heads, 4 KV heads), saved to
+    ``folder`` and loaded back."""
+    from hcpolicy.backends.torch_engine import load_checkpoint
+
+    return load_checkpoint(save(tiny_hf_model("llama", heads=8, kv_heads=4), folder))
+
+
+def small_engine(model: Any, **options: Any) -> Any:
+    """An engine with room for 2 sequences of 256 tokens on 8-token pages, prefill chunks of 32."""
+    from hcpolicy.backends.torch_engine import Engine, EngineConfig
+
+    return Engine(model, EngineConfig(max_seq_len=256, max_batch_size=2, page_size=8, prefill_chunk=32, **options))
+
+
+def token_ids(length: int = 70, seed: int = 1, batch: int = 1) -> torch.Tensor:
+    return torch.randint(3, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def run_interpreted(script: str, timeout: int) -> Any:
+    """Run ``script`` under Triton's interpreter in a subprocess (this folder and the repo on
+    its path) and return what it printed after "RESULTS " (JSON). Skips where triton's
+    interpreter cannot run loops with loaded bounds (triton 3.6 under numpy 2; 3.9 can)."""
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(here), str(here.parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode and "only 0-dimensional arrays can be converted" in proc.stderr:
+        import numpy
+        import triton
+
+        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run loops with loaded bounds under numpy "
+                    f"{numpy.__version__}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.split("RESULTS ", 1)[1])

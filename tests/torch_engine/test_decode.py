@@ -2,16 +2,11 @@
 the Triton kernel under Triton's interpreter (when triton is importable), errors."""
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from engine_helpers import dense_decode_f64, random_paged
+from engine_helpers import dense_decode_f64, random_paged, run_interpreted
 from hcpolicy.backends.torch_engine.decode import paged_decode, paged_decode_torch, resolve_kernel
 from hcpolicy.backends.torch_engine.pages import OutOfPages, PageAllocator
 
@@ -95,21 +90,8 @@ print("RESULTS " + json.dumps(results))
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its interpreter runs on CPU)")
 def test_triton_kernel_under_interpreter():
-    here = Path(__file__).resolve().parent
-    path = os.pathsep.join([str(here), str(here.parents[1]), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=180)  # fmt: skip
-    if proc.returncode and "only 0-dimensional arrays can be converted" in proc.stderr:
-        # triton 3.6's interpreter with numpy 2 cannot take a loop bound loaded from memory
-        # (the ragged-decode kernel of hcpolicy.kernels fails the same way); 3.9's can
-        import numpy
-        import triton
-
-        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run loops with loaded bounds under numpy "
-                    f"{numpy.__version__}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.split("RESULTS ", 1)[1])
+    # (the skip of run_interpreted: the ragged-decode kernel of hcpolicy.kernels fails the same way)
+    results = run_interpreted(INTERPRETER_SCRIPT, timeout=180)
     assert len(results) == 4
     for r in results:
         assert r["err"] < (1e-5 if r["dtype"] == "float32" else 2e-3), r

@@ -4,9 +4,9 @@ incremental recall, on CPU (the same code paths the CUDA-graph step uses, minus 
 import pytest
 import torch
 
-from engine_helpers import save, synthetic_profile, tiny_hf_model
+from engine_helpers import small_engine, small_llama, synthetic_profile, token_ids as ids
 from hcpolicy.actions import Select, Selection
-from hcpolicy.backends.torch_engine import Engine, EngineConfig, load_checkpoint
+from hcpolicy.backends.torch_engine import EngineConfig
 from hcpolicy.capabilities import Requirements
 from hcpolicy.drift import EveryN, Never, WindowedOverlap
 from hcpolicy.policy.base import Policy
@@ -19,15 +19,8 @@ NEW = 14
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return load_checkpoint(save(tiny_hf_model("llama", heads=8, kv_heads=4), tmp_path_factory.mktemp("llama")))
+    return small_llama(tmp_path_factory.mktemp("llama"))
 
-
-def engine_of(model, **options) -> Engine:
-    return Engine(model, EngineConfig(max_seq_len=256, max_batch_size=2, page_size=8, prefill_chunk=32, **options))
-
-
-def ids(length=70, seed=1, batch=1):
-    return torch.randint(3, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 class Recorder(Policy):
@@ -68,7 +61,7 @@ def test_batched_observation_carries_the_period_of_queries(model, observe):
     runs = {}
     for batched in (False, True):
         policy = Recorder(period=3)
-        engine_of(model, observe=observe, batch_observations=batched).generate(ids(40), NEW, policy)
+        small_engine(model, observe=observe, batch_observations=batched).generate(ids(40), NEW, policy)
         runs[batched] = policy.calls
     steps = NEW - 1  # decode steps after the prefill's token
     layers = 2
@@ -84,7 +77,7 @@ def test_batched_observation_carries_the_period_of_queries(model, observe):
 def test_batching_changes_nothing_but_the_calls(model, observe, trigger):
     outs = []
     for batched in (False, True):
-        engine = engine_of(model, observe=observe, batch_observations=batched)
+        engine = small_engine(model, observe=observe, batch_observations=batched)
         policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6, trigger=trigger)
         out = engine.generate(ids(80, seed=4), NEW, policy)
         outs.append((out, engine.executor.recalls, engine.executor.recalled_rows, policy.recalls))
@@ -100,7 +93,7 @@ def test_deferred_recalls_serve_the_next_step(model):
     tokens may differ from inline; both agree with themselves under every landing mode."""
     outs = {}
     for landing in ("next_step", "eager_step", "async"):
-        engine = engine_of(model, observe="deferred", recall_landing=landing)
+        engine = small_engine(model, observe="deferred", recall_landing=landing)
         policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6, trigger=EveryN(n=2))
         outs[landing] = engine.generate(ids(80, seed=4), NEW, policy)
         assert engine.executor.recalls > 0
@@ -125,7 +118,7 @@ def satellite_rows_match_host(engine, layer, b, h):
 
 @pytest.mark.parametrize("landing", ["next_step", "async"])
 def test_recall_rows_pages_and_host_bytes(model, landing):
-    engine = engine_of(model, observe="deferred", recall_landing=landing)
+    engine = small_engine(model, observe="deferred", recall_landing=landing)
     free0 = engine.kv.allocator.free_pages
     policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6, trigger=EveryN(n=2))
     engine.prefill(ids(90, seed=6, batch=2), policy, max_new_tokens=12)
@@ -149,7 +142,7 @@ def test_recall_rows_pages_and_host_bytes(model, landing):
 
 
 def test_async_landing_bound_and_actions_land_first(model):
-    engine = engine_of(model, observe="deferred", recall_landing="async", async_recall_pages=1)
+    engine = small_engine(model, observe="deferred", recall_landing="async", async_recall_pages=1)
     free0 = engine.kv.allocator.free_pages
     policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6, trigger=EveryN(n=2))
     engine.prefill(ids(90, seed=7), policy, max_new_tokens=6)
@@ -171,13 +164,13 @@ def test_async_landing_bound_and_actions_land_first(model):
 
 def test_config_errors(model):
     with pytest.raises(ValueError, match="fused_kernels=True needs a CUDA device"):
-        engine_of(model, fused_kernels=True)
-    assert not engine_of(model).ops.fused  # the default on CPU: the torch reference ops
+        small_engine(model, fused_kernels=True)
+    assert not small_engine(model).ops.fused  # the default on CPU: the torch reference ops
     with pytest.raises(ValueError, match="recall_landing"):
         EngineConfig(recall_landing="later")
     with pytest.raises(ValueError, match="async_recall_pages"):
         EngineConfig(async_recall_pages=0)
-    engine = engine_of(model, observe="deferred")
+    engine = small_engine(model, observe="deferred")
     with pytest.raises(ValueError, match="Attend views"):
         engine.generate(ids(30), 3, Quest(compression=0.5, page_size=8))
 
@@ -201,7 +194,7 @@ def test_batched_decision_step_decides_as_layer_by_layer(model, trigger, pivots_
         monkeypatch.setattr(hc, "SCORING_BYTES", 1)  # one pivot per scoring batch
     outs, calls = [], []
     for cls in (LayerByLayer, HeteroCachePolicy):
-        engine = engine_of(model, observe="deferred")
+        engine = small_engine(model, observe="deferred")
         policy = cls(profile=synthetic_profile(engine.spec), compression=0.6, trigger=trigger)
         decode = policy.decode
         policy.decode = lambda obs, decode=decode: calls.append(cls) or decode(obs)
