@@ -16,7 +16,8 @@ from typing import TypeAlias
 import attrs
 import torch
 
-from hcpolicy._validate import non_negative, tensor
+from hcpolicy._device import upload
+from hcpolicy._validate import non_negative, optional_tensor, tensor
 
 
 def _heads(value: tuple[int, ...] | list[int]) -> tuple[int, ...]:
@@ -36,11 +37,16 @@ def _check_heads(_inst: object, attribute: attrs.Attribute, value: tuple[int, ..
 class Selection:
     """A set of logical positions per (sequence, KV head), ascending, padded.
 
-    indices: [B, H, K] int64; lengths: [B, H] int64 with 0 <= lengths <= K.
+    indices: [B, H, K] int64; lengths: [B, H] int64 with 0 <= lengths <= K; host_lengths:
+    optional CPU copy of ``lengths``, for a policy that knows them on the host (budgets that
+    are host numbers): a backend then sizes its storage without reading the device.
     """
 
     indices: torch.Tensor = attrs.field(validator=tensor(ndim=3, dtype=torch.int64))
     lengths: torch.Tensor = attrs.field(validator=tensor(ndim=2, dtype=torch.int64))
+    host_lengths: torch.Tensor | None = attrs.field(
+        default=None, eq=False, validator=optional_tensor(ndim=2, dtype=torch.int64)
+    )
 
     def __attrs_post_init__(self) -> None:
         if tuple(self.lengths.shape) != tuple(self.indices.shape[:2]):
@@ -48,6 +54,13 @@ class Selection:
                 f"lengths shape {tuple(self.lengths.shape)} must equal indices' leading dims "
                 f"{tuple(self.indices.shape[:2])}"
             )
+        host = self.host_lengths
+        if host is not None:
+            if host.device.type != "cpu" or host.shape != self.lengths.shape:
+                raise ValueError(f"host_lengths must be a CPU tensor of shape {tuple(self.lengths.shape)}, "
+                                 f"got {tuple(host.shape)} on {host.device}")  # fmt: skip
+            if host.numel() and not 0 <= int(host.min()) <= int(host.max()) <= self.indices.shape[2]:
+                raise ValueError(f"host_lengths must be in [0, {self.indices.shape[2]}], got {host.tolist()}")
 
     @property
     def num_heads(self) -> int:
@@ -55,7 +68,8 @@ class Selection:
 
     def head(self, i: int) -> "Selection":
         """The selection of its ``i``-th head alone: [B, 1, K]."""
-        return Selection(indices=self.indices[:, i : i + 1], lengths=self.lengths[:, i : i + 1])
+        host = None if self.host_lengths is None else self.host_lengths[:, i : i + 1]
+        return Selection(indices=self.indices[:, i : i + 1], lengths=self.lengths[:, i : i + 1], host_lengths=host)
 
     def valid(self) -> torch.Tensor:
         """[B, H, K] bool: which entries are real (not padding)."""
@@ -147,7 +161,7 @@ def head_index(heads: Sequence[int], device: torch.device, memo: dict[tuple[int,
         return cut
     key = tuple(heads)
     if key not in memo:
-        memo[key] = torch.tensor(key, dtype=torch.int64, device=device)
+        memo[key] = upload(key, device)
     return memo[key]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import attrs
@@ -167,23 +168,29 @@ def sequence_budgets(
     compression: float,
     prompt_length: int,
     scores: torch.Tensor | None,
-    starts: torch.Tensor | None,
+    starts: torch.Tensor | Sequence[int] | None,
+    *,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
     """Budgets [B, H_kv] where each sequence's budget follows its own real length.
 
     Left padding (``starts`` [B]) makes sequences of one batch shorter than
     ``prompt_length``; each is then budgeted as a prompt of ``prompt_length - starts[b]``
     tokens (scores: [B, H_kv, L] or None). Without padding this is one request.
+    Host ``starts`` (ints) cost no sync, a device tensor one read. Without scores (an
+    allocator that reads none) the budgets are made on the CPU for ``batch_size``
+    sequences (default: one per start, else 1): host numbers, read for free.
     """
     device = scores.device if scores is not None else torch.device("cpu")
     if starts is None:
-        b = scores.shape[0] if scores is not None else 1
+        b = scores.shape[0] if scores is not None else batch_size or 1
         return allocator.budgets(BudgetRequest(
             spec=spec, layer=layer, length=prompt_length, compression=compression, batch_size=b,
             scores=scores, device=device,
         ))  # fmt: skip
     rows = []
-    for b, start in enumerate(starts.tolist()):  # one host read per layer at prefill
+    host_starts = starts.tolist() if isinstance(starts, torch.Tensor) else starts  # a device tensor: one host read
+    for b, start in enumerate(host_starts):
         row_scores = scores[b : b + 1, :, start:prompt_length] if scores is not None else None
         rows.append(allocator.budgets(BudgetRequest(
             spec=spec, layer=layer, length=prompt_length - start, compression=compression, batch_size=1,

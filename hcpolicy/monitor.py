@@ -29,9 +29,9 @@ from hcpolicy.actions import Action
 from hcpolicy.kernels.window_scores import overlap_counts
 from hcpolicy.scores import Reduce
 
-# (fired [P, B] on the device, hits: per monitor whether any sequence fired (host),
+# (fired [P, B] on the device, fired_host: the same as host lists (monitor, sequence),
 #  newest scores [P, B, L] of the window's last query, positions [B, L]) -> actions per layer
-Act = Callable[[torch.Tensor, list[bool], torch.Tensor, torch.Tensor], dict[int, list[Action]]]
+Act = Callable[[torch.Tensor, list[list[bool]], torch.Tensor, torch.Tensor], dict[int, list[Action]]]
 
 
 @attrs.frozen

@@ -23,8 +23,9 @@ class LayerCache:
     keys: [B, H_kv, L, D]; positions: [B, H_kv, L] int64 logical positions, ascending in
     the valid prefix; lengths: [B, H_kv] int64 valid entries per head; values: optional
     [B, H_kv, L, D]; starts: optional [B] int64 first real position of each sequence (the
-    positions before it are left padding of a batch and are never valid). A dense
-    (uncompressed) cache has lengths == L everywhere.
+    positions before it are left padding of a batch and are never valid); host_starts: the
+    same on the host, where the backend knows them (``starts_list`` then reads nothing from
+    the device). A dense (uncompressed) cache has lengths == L everywhere.
     """
 
     keys: torch.Tensor = attrs.field(validator=tensor(ndim=4))
@@ -32,11 +33,16 @@ class LayerCache:
     lengths: torch.Tensor = attrs.field(validator=tensor(ndim=2, dtype=torch.int64))
     values: torch.Tensor | None = attrs.field(default=None)
     starts: torch.Tensor | None = attrs.field(default=None)
+    host_starts: tuple[int, ...] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(lambda s: tuple(int(x) for x in s))
+    )
 
     def __attrs_post_init__(self) -> None:
         b, h, length, _ = self.keys.shape
         if self.starts is not None and tuple(self.starts.shape) != (b,):
             raise ValueError(f"starts {tuple(self.starts.shape)} must be {(b,)}")
+        if self.host_starts is not None and (self.starts is None or len(self.host_starts) != b):
+            raise ValueError(f"host_starts {self.host_starts} need starts and must hold {b} values")
         if tuple(self.positions.shape) != (b, h, length):
             raise ValueError(f"positions {tuple(self.positions.shape)} must be {(b, h, length)}")
         if tuple(self.lengths.shape) != (b, h):
@@ -46,13 +52,15 @@ class LayerCache:
 
     @classmethod
     def dense(
-        cls, keys: torch.Tensor, values: torch.Tensor | None = None, starts: torch.Tensor | None = None
-    ) -> "LayerCache":
+        cls, keys: torch.Tensor, values: torch.Tensor | None = None, starts: torch.Tensor | None = None,
+        host_starts: Sequence[int] | None = None,
+    ) -> "LayerCache":  # fmt: skip
         """An uncompressed cache: every head holds positions 0..L-1. keys: [B, H_kv, L, D]."""
         b, h, length, _ = keys.shape
         positions = torch.arange(length, device=keys.device).expand(b, h, length)
         lengths = torch.full((b, h), length, dtype=torch.int64, device=keys.device)
-        return cls(keys=keys, positions=positions, lengths=lengths, values=values, starts=starts)
+        return cls(keys=keys, positions=positions, lengths=lengths, values=values, starts=starts,
+                   host_starts=host_starts)  # fmt: skip
 
     @property
     def batch_size(self) -> int:
@@ -61,6 +69,13 @@ class LayerCache:
     @property
     def num_kv_heads(self) -> int:
         return self.keys.shape[1]
+
+    def starts_list(self) -> list[int] | None:
+        """``starts`` on the host (None without left padding): ``host_starts`` when the
+        backend gave them, else read from the device (one host sync)."""
+        if self.starts is None:
+            return None
+        return list(self.host_starts) if self.host_starts is not None else self.starts.tolist()
 
     def valid(self) -> torch.Tensor:
         """[B, H_kv, L] bool: real entries (neither storage padding nor left padding)."""

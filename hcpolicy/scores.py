@@ -111,6 +111,7 @@ def topk_selection(
     valid: torch.Tensor | None = None,
     *,
     width: int | None = None,
+    host_budgets: torch.Tensor | None = None,
 ) -> Selection:
     """Per-head top-``budgets`` entries by score, returned as ascending logical positions.
 
@@ -118,6 +119,9 @@ def topk_selection(
     positions: [B, H, L] logical positions of the entries; valid: [B, H, L] bool or None;
     width: a host-side upper bound of ``budgets`` that sizes the padding (None: read
     ``budgets.max()``, one host sync). Ties break towards the lower index.
+    host_budgets: a CPU copy of ``budgets``, for a caller that knows each is within its
+    head's valid count (a dense prefill cache holds L - starts[b] valid entries): it sizes
+    the padding and travels as the selection's ``host_lengths``, so nothing is read.
     """
     b, h, length = scores.shape
     if valid is None:
@@ -134,11 +138,13 @@ def topk_selection(
     sentinel = torch.iinfo(torch.int64).max
     picked = picked.masked_fill(~keep, sentinel)
     picked = torch.sort(picked, dim=-1).values
+    if width is None and host_budgets is not None:
+        width = int(host_budgets.max()) if host_budgets.numel() else 0
     if width is None:
         width = int(budgets.max()) if budgets.numel() else 0  # one host read per selection, not per token
     picked = picked[..., : min(width, length)]
     picked = picked.masked_fill(picked == sentinel, 0)
-    return Selection(indices=picked.contiguous(), lengths=budgets.to(torch.int64))
+    return Selection(indices=picked.contiguous(), lengths=budgets.to(torch.int64), host_lengths=host_budgets)
 
 
 def topk_sets(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ from hcpolicy.budget import (
     InverseStabilityAllocator,
     PyramidAllocator,
     UniformAllocator,
+    sequence_budgets,
 )
 from hcpolicy.classify import build_profile
 from hcpolicy.spec import ModelSpec
@@ -143,3 +144,18 @@ def test_request_validation():
         request(spec(layers=2), layer=2)
     with pytest.raises(ValueError, match="compression"):
         request(spec(), compression=0.0)
+
+
+def test_sequence_budgets_from_host_starts_equal_the_device_ones():
+    """Host starts (ints) give what a starts tensor gives, and an allocator that reads no
+    scores makes host budgets for ``batch_size`` sequences."""
+    s = spec()
+    alloc = InverseStabilityAllocator(_profile(s))
+    scores = torch.rand(2, 3, 100)
+    for starts in (torch.tensor([0, 30]), [0, 30]):
+        got = sequence_budgets(alloc, s, 1, 0.5, 100, None, starts, batch_size=2)
+        assert got.device.type == "cpu"
+        assert torch.equal(got, sequence_budgets(alloc, s, 1, 0.5, 100, scores, torch.tensor([0, 30])))
+    want = [alloc.budgets(request(s, layer=1, length=n)).tolist()[0] for n in (100, 70)]
+    assert got.tolist() == want
+    assert sequence_budgets(alloc, s, 1, 0.5, 100, None, None, batch_size=2).shape == (2, 3)

@@ -40,3 +40,15 @@ def test_layer_cache_shape_checks():
     with pytest.raises(ValueError, match="positions"):
         LayerCache(keys=torch.randn(1, 1, 3, 4), positions=torch.zeros(1, 1, 2, dtype=torch.int64),
                    lengths=torch.ones(1, 1, dtype=torch.int64))
+
+
+def test_host_starts_come_with_starts_and_are_read_for_free():
+    keys = torch.randn(2, 1, 6, 4)
+    cache = LayerCache.dense(keys, starts=torch.tensor([0, 2]), host_starts=[0, 2])
+    assert cache.host_starts == (0, 2) and cache.starts_list() == [0, 2]
+    assert LayerCache.dense(keys, starts=torch.tensor([0, 2])).starts_list() == [0, 2]  # read from the device
+    assert LayerCache.dense(keys).starts_list() is None
+    with pytest.raises(ValueError, match="host_starts"):
+        LayerCache.dense(keys, host_starts=[0, 2])
+    with pytest.raises(ValueError, match="host_starts"):
+        LayerCache.dense(keys, starts=torch.tensor([0, 2]), host_starts=[0])

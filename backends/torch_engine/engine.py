@@ -91,6 +91,9 @@ class Engine:
         self.monitor: DeviceMonitor | None = None
         self.monitors_made = 0
         self._decision_graph: DecisionGraph | None = None
+        self._decided = False  # a window was decided; its act comes in the next step (async recalls)
+        self._acted: torch.cuda.Event | None = None  # that act's device work, on the side stream
+        self._actions: list | None = None  # what that act asked for, applied in the following step
         self._graphs: dict[tuple, DecodeGraph] = {}
         self.policy: Policy | None = None
         self._needs = Requirements()
@@ -153,6 +156,7 @@ class Engine:
         self.kv.release()
         self.policy = None
         self.monitor = self._decision_graph = None
+        self._decided, self._acted, self._actions = False, None, None
 
     # -- prefill (the phase itself: prefill.Prefill) -------------------------------------------
     @torch.no_grad()
@@ -181,6 +185,7 @@ class Engine:
     def _finish_prefill(self, lengths: list[int]) -> None:
         """Ready decode: the final page tables on the device, and the static decode inputs
         at each sequence's first generated token."""
+        self.executor.check_deferred()  # the prefill's Select checks: its one wait for the device
         self.kv.push_tables()
         b = self.batch
         self._logical[:b] = self.prompt_length
@@ -197,7 +202,6 @@ class Engine:
             raise RuntimeError("max_new_tokens reached: the cache has no room reserved for another token")
         b, exe = self.batch, self.executor
         self._tokens[:b, 0].copy_(tokens.view(-1), non_blocking=True)
-        exe.recaller.land_ready()  # async recalls whose copies finished switch to their new pages
         if self.graphs_enabled and not (exe.pending and self.config.recall_landing == "eager_step"):
             graph = self._graph()
             exe.recaller.wait_all()  # the replay starts after pending recalls, on the device
@@ -207,6 +211,15 @@ class Engine:
         else:
             logits = self._step_body()
             self.eager_steps += 1
+        # async recalls whose copies finished switch to their new pages from the next step on
+        # (the host does it while this step runs)
+        exe.recaller.land_ready()
+        if self._actions is not None:  # acted on in the previous step: issue its recalls now
+            actions, self._actions = self._actions, None
+            exe.apply(actions)
+        if self._decided:  # the previous step's window: act on it while this step runs
+            self._decided = False
+            self._act()
         if self.deferred and self.observer.due(self.step):
             self._observe_recorded()
         self.step += 1
@@ -293,14 +306,20 @@ class Engine:
         the policy sees every layer's recorded queries in one call
         (``Policy.decode_layers``). Then each layer's actions apply."""
         if self.monitor is not None:
+            if self._acted is not None:  # the previous decision's act still reads the scores
+                torch.cuda.current_stream(self.device).wait_event(self._acted)
+                self._acted = None
             if self.graphs_enabled:
                 if self._decision_graph is None or self._decision_graph.monitor is not self.monitor:
                     self._decision_graph = DecisionGraph(self.monitor)
                 self._decision_graph.replay()
             else:
                 self.monitor.decide()
-            for layer, actions in sorted(self.monitor.act().items()):
-                self.executor.apply(list(actions))
+            if self.executor.recaller.landing == "async":
+                self.monitor.stage()  # read during the next step, which does not wait for it
+                self._decided = True
+            else:
+                self._act()
             return
         queries = self.observer.queries(self.batch)  # [N, B, H_q, period, D]
         first = self.observer.first_step(self.step)
@@ -308,6 +327,23 @@ class Engine:
         observations = [obs for obs in observations if obs is not None]
         for actions in self.policy.decode_layers(observations):
             self.executor.apply(list(actions))
+
+    def _act(self) -> None:
+        """The monitor's actions for its last decision, in layer order: applied now, or with
+        async recalls in the next step (the host's work of a decision then spreads over two
+        steps, each hidden behind its step's replay), their device work on the recalls'
+        side stream, off the decode steps."""
+        rec = self.executor.recaller
+        side = rec.async_.side() if rec.landing == "async" else None
+        actions = [a for _, acts in sorted(self.monitor.act(stream=side).items()) for a in acts]
+        if rec.landing != "async":
+            self.executor.apply(actions)
+            return
+        if actions:
+            self._actions = actions
+        if side is not None and actions:
+            self._acted = torch.cuda.Event()
+            self._acted.record(side)
 
     # -- generate ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,13 +1,17 @@
 """PagedExecutor: the engine's cache takes a policy's actions (Select, Offload, Recall, Attend).
 
 Each action reads the host once (the new lengths size pages and copies, and the same read
-carries the validity flags), then moves rows on the device. Offload and Recall go through
+carries the validity flags), then moves rows on the device; during a prefill, a Select whose
+policy knows its lengths on the host reads nothing, and its validity waits on the device
+for the prefill's one check (``check_deferred``). Offload and Recall go through
 ``hcpolicy.runtime.TransferRuntime``: satellites' full KV lives in its host store, keyed
 (cache, layer, sequence, head). Recalls are ``recall.Recaller``'s: incremental, on the
 runtime's copy stream, landing in place or in fresh pages; the host never waits for them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 
@@ -18,6 +22,8 @@ from .kv import PagedKV
 from .recall import Recaller, _not_ascending
 
 _BIG = torch.iinfo(torch.int64).max
+_SELECT_BAD = "layer {layer}: Select names positions that are not on the device (or not ascending)"
+_SELECT_HOST = "layer {layer}: Select's host_lengths differ from its lengths"
 
 
 class PagedExecutor(ActionExecutor):
@@ -35,8 +41,10 @@ class PagedExecutor(ActionExecutor):
         self.attend_views: dict[int, dict[int, Selection]] = {}  # layer -> head -> [B, 1, K] (this step)
         self.recaller = Recaller(self, landing, async_pages)
         self._reading: dict[int, torch.cuda.Event | None] = {}  # layer -> its newest offload copy (CUDA)
+        self._deferred: list[tuple[int, torch.Tensor]] | None = None  # (layer, flags [2]) of Selects (defer_checks)
 
     def reset(self) -> None:
+        self._deferred = None
         self.recaller.reset()
         for key in [k for k in self.host_positions]:
             self.runtime.evict((self.cache_id, *key))
@@ -44,6 +52,27 @@ class PagedExecutor(ActionExecutor):
         self.resident.clear()
         self.attend_views.clear()
         self._reading.clear()
+
+    def apply(self, actions: Iterable[Action]) -> None:
+        """As ``ActionExecutor.apply``; with async landing, consecutive Recall actions go
+        out as one batch (``Recaller.recall_batch``), and after any other action the async
+        recalls are fenced behind it (it may free pages they would otherwise reuse)."""
+        if self.recaller.landing != "async":
+            super().apply(actions)
+            return
+        run: list[Recall] = []
+        for action in actions:
+            if isinstance(action, Recall):
+                self.check(action)
+                run.append(action)
+                continue
+            if run:
+                self.recaller.recall_batch(run)
+                run = []
+            super().apply([action])
+            self.recaller.fence()
+        if run:
+            self.recaller.recall_batch(run)
 
     # -- checks --------------------------------------------------------------------------------
     def check(self, action: Action) -> None:
@@ -71,16 +100,29 @@ class PagedExecutor(ActionExecutor):
 
     # -- Select --------------------------------------------------------------------------------
     def select(self, action: Select) -> None:
-        kv, layer, heads = self.kv, action.layer, list(action.heads)
-        entries, bad = self._locate(layer, heads, action.selection)
-        lengths = action.selection.lengths.to(kv.device)
-        host = torch.cat([lengths.flatten(), bad.long()]).tolist()  # the one host read: sizes + validity
-        if host[-1]:
-            raise ActionError(f"layer {layer}: Select names positions that are not on the device (or not ascending)")
-        new_lengths = torch.tensor(host[:-1]).view(lengths.shape)  # [B, H'] host
+        """Between ``defer_checks`` and ``check_deferred`` (a prefill), a selection that
+        brings its ``host_lengths`` reads nothing from the device: its checks wait there for
+        ``check_deferred``. Otherwise one host read (sizes + validity), raising at once."""
+        kv, layer, heads, selection = self.kv, action.layer, list(action.heads), action.selection
+        entries, bad = self._locate(layer, heads, selection)
+        lengths = selection.lengths.to(kv.device)
+        deferred = self._deferred is not None and selection.host_lengths is not None
+        if deferred:
+            new_lengths = selection.host_lengths  # [B, H'] host
+        else:
+            host = torch.cat([lengths.flatten(), bad.long()]).tolist()  # the one host read: sizes + validity
+            if host[-1]:
+                raise ActionError(_SELECT_BAD.format(layer=layer))
+            new_lengths = torch.tensor(host[:-1]).view(lengths.shape)  # [B, H'] host
+            if selection.host_lengths is not None and not torch.equal(new_lengths, selection.host_lengths):
+                raise ActionError(_SELECT_HOST.format(layer=layer))
         kept_kv = kv.kv[kv.rows(layer, entries, heads)]  # [B, H', K, 2, D], gathered before pages are reused
-        kept_pos = action.selection.indices.to(kv.device)
-        self._repack(layer, heads, new_lengths, kept_kv, kept_pos, action.selection.valid().to(kv.device))
+        kept_pos = selection.indices.to(kv.device)
+        self._repack(layer, heads, new_lengths, kept_kv, kept_pos, selection.valid().to(kv.device))
+        if deferred:
+            # the host lengths sized the pages just pushed: they must be the selection's own
+            differ = (kv.lengths[layer][:, kv.head_index(heads)] != lengths).any().view(1)
+            self._deferred.append((layer, torch.cat([bad, differ])))  # type: ignore[union-attr]
         for b in range(kv.batch_size):
             for i, h in enumerate(heads):
                 if (layer, b, h) in self.resident:
@@ -106,6 +148,25 @@ class PagedExecutor(ActionExecutor):
         dest = torch.where(valid, kv.rows(layer, entries, heads), kv.trash_row)  # padding -> trash page
         kv.kv.index_copy_(0, dest.reshape(-1), rows_kv.reshape(-1, 2, kv.head_dim))
         kv.positions.index_copy_(0, dest.reshape(-1), rows_pos.reshape(-1))
+
+    def defer_checks(self) -> None:
+        """From now until ``check_deferred``, Selects whose selections carry host lengths
+        leave their validity on the device (a prefill: the host never waits for it)."""
+        self._deferred = []
+
+    def check_deferred(self) -> None:
+        """Raise ActionError for the first invalid Select since ``defer_checks`` (one host
+        read for all of them; the cache is then unusable until the next prefill), and stop
+        deferring."""
+        deferred, self._deferred = self._deferred, None
+        if not deferred:
+            return
+        flags = torch.stack([f for _, f in deferred]).tolist()  # [N, 2]: the one host read of the checks
+        for (layer, _), (bad, differ) in zip(deferred, flags):
+            if bad:
+                raise ActionError(_SELECT_BAD.format(layer=layer))
+            if differ:
+                raise ActionError(_SELECT_HOST.format(layer=layer))
 
     # -- Offload -------------------------------------------------------------------------------
     def offload(self, action: Offload) -> None:

@@ -17,10 +17,12 @@ decode kernels; ``monitor_for`` checks that after prefill (and says why not).
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
 
+from hcpolicy._device import upload
 from hcpolicy.actions import Action
 from hcpolicy.kernels.select import kth_largest
 from hcpolicy.kernels.window_scores import window_scores
@@ -56,7 +58,6 @@ class DeviceMonitor:
         self.masks = reference_masks(plan.references().to(device), prompt)  # [P, B, L]
         self.positions = torch.arange(prompt, device=device).expand(b, prompt)
         self.fired = torch.zeros(p, b, dtype=torch.bool, device=device)
-        self.hits = torch.zeros(p, dtype=torch.bool, device=device)  # per monitor: any sequence fired
         self.taps: dict[int, Tap] = {}
         for layer in sorted({layer for layer, _ in plan.monitors}):
             pairs = tuple((i, h) for i, (l, h) in enumerate(plan.monitors) if l == layer)
@@ -66,6 +67,8 @@ class DeviceMonitor:
             self.taps[layer] = Tap(heads=heads.to(device), pairs=pairs, logits=self.logits, stats=self.stats,
                                    slot=engine.observer.slot, prompt=prompt, tile=self.tile)  # fmt: skip
         self.decisions = self.fires = 0
+        self._fired_host: torch.Tensor | None = None
+        self._staged: torch.cuda.Event | None = None
 
     def tap(self, layer: int) -> Tap | None:
         return self.taps.get(layer)
@@ -80,18 +83,39 @@ class DeviceMonitor:
         thresholds, ties = kth_largest(scores, self.k, top_histogram=hist)
         overlaps = window_overlaps(self.scores, thresholds.view(w, p, b), ties.view(w, p, b), self.masks, self.k)
         self.fired.copy_(self.plan.fire(overlaps))
-        self.hits.copy_(self.fired.any(dim=1))
 
-    def act(self) -> dict[int, list[Action]]:
-        """After ``decide`` ran: the plan's actions for the monitors that fired (one host read)."""
+    def stage(self) -> None:
+        """After ``decide``: start copying the decision to the host, without waiting, for an
+        ``act`` while the next step runs."""
+        if not self.fired.is_cuda:
+            return
+        if self._fired_host is None:
+            self._fired_host = torch.empty(self.fired.shape, dtype=torch.bool, pin_memory=True)
+        self._fired_host.copy_(self.fired, non_blocking=True)
+        self._staged = torch.cuda.Event()
+        self._staged.record(torch.cuda.current_stream(self.fired.device))
+
+    def act(self, stream: torch.cuda.Stream | None = None) -> dict[int, list[Action]]:
+        """After ``decide`` ran: the plan's actions for the monitors that fired (one host
+        read; after ``stage``, a wait for the decision alone). ``stream``: where the plan's
+        device work runs (after the decision), e.g. off the compute stream."""
         self.decisions += 1
-        hits = self.hits.tolist()
-        if not any(hits):
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            staged.synchronize()
+            fired = self._fired_host.tolist()
+        else:
+            fired = self.fired.tolist()
+        picked = [i for i, row in enumerate(fired) if any(row)]
+        if not picked:
             return {}
-        self.fires += sum(hits)
-        actions = self.plan.act(self.fired, hits, self.scores[-1], self.positions)
-        idx = torch.tensor([i for i, hit in enumerate(hits) if hit], device=self.fired.device)
-        self.masks[idx] = reference_masks(self.plan.references()[idx], self.prompt)  # the moved references
+        self.fires += len(picked)
+        if stream is not None:
+            stream.wait_event(staged) if staged is not None else stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            actions = self.plan.act(self.fired, fired, self.scores[-1], self.positions)
+            idx = upload(picked, self.fired.device)
+            self.masks[idx] = reference_masks(self.plan.references()[idx], self.prompt)  # the moved references
         return actions
 
 

@@ -12,6 +12,7 @@ are ordered after the copy without a host sync.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -20,51 +21,61 @@ class OutOfPages(MemoryError):
 
 
 class PageAllocator:
+    """The free map is a numpy array: on a pool of a million pages its scans (find a run,
+    list the free pages, check a free) cost a fraction of torch's CPU ops, and a decode
+    step that lands recalls makes a few of them."""
+
     def __init__(self, num_pages: int) -> None:
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
         self.num_pages = num_pages
-        self._free = torch.ones(num_pages, dtype=torch.bool)  # CPU
-        self._quarantine: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # (event, pages), oldest first
+        self._free = np.ones(num_pages, dtype=bool)
+        self._free_count = num_pages
+        self._quarantine: list[tuple[torch.cuda.Event, np.ndarray]] = []  # (event, pages), oldest first
 
     @property
     def free_pages(self) -> int:
-        return int(self._free.sum())
+        return self._free_count
 
     @property
     def used_pages(self) -> int:
-        return self.num_pages - self.free_pages
+        return self.num_pages - self._free_count
 
-    def allocate(self, n: int) -> torch.Tensor:
-        """``n`` page ids (int64 CPU tensor, ascending), contiguous when a run of n is free."""
+    def allocate(self, n: int, contiguous: bool = True) -> torch.Tensor:
+        """``n`` page ids (int64 CPU tensor, ascending); with ``contiguous``, one run when a
+        run of n is free (callers that index pages through tables skip that search)."""
         if n < 0:
             raise ValueError(f"cannot allocate {n} pages")
         if n == 0:
             return torch.empty(0, dtype=torch.int64)
         self._reap(need=n)
-        start = self._first_run(n)
+        if n > self._free_count:
+            raise OutOfPages(f"need {n} KV pages, {self._free_count} of {self.num_pages} are free")
+        start = self._first_run(n) if contiguous else None
         if start is not None:
-            pages = torch.arange(start, start + n)
+            pages = np.arange(start, start + n, dtype=np.int64)
         else:
-            free = torch.nonzero(self._free).flatten()
-            if free.numel() < n:
-                raise OutOfPages(f"need {n} KV pages, {free.numel()} of {self.num_pages} are free")
-            pages = free[:n]
+            pages = np.flatnonzero(self._free)[:n].astype(np.int64)
         self._free[pages] = False
-        return pages
+        self._free_count -= n
+        return torch.from_numpy(pages)
 
     def free(self, pages: torch.Tensor, after: torch.cuda.Event | None = None) -> None:
         """Return ``pages`` (int64 CPU ids) to the pool; freeing a free page is an error.
         ``after``: an event that must complete before the pages are written again."""
-        pages = pages.to("cpu", torch.int64)
-        if pages.numel() == 0:
+        ids = pages.to("cpu", torch.int64).numpy()
+        if ids.size == 0:
             return
-        if bool(self._free[pages].any()) or pages.unique().numel() != pages.numel():
+        if self._free[ids].any() or np.bincount(ids).max() > 1:
             raise ValueError("freeing a page that is not allocated (double free)")
         if after is not None and not after.query():
-            self._quarantine.append((after, pages))
+            self._quarantine.append((after, ids.copy()))
             return
-        self._free[pages] = True
+        self._release(ids)
+
+    def _release(self, ids: np.ndarray) -> None:
+        self._free[ids] = True
+        self._free_count += ids.size
 
     def drain(self) -> None:
         """Release every quarantined page, making the current stream wait for its event."""
@@ -76,22 +87,21 @@ class PageAllocator:
         if not self._quarantine:
             return
         waiting = []
-        for event, pages in self._quarantine:
+        for event, ids in self._quarantine:
             if event.query():
-                self._free[pages] = True
+                self._release(ids)
             else:
-                waiting.append((event, pages))
+                waiting.append((event, ids))
         self._quarantine = waiting
-        while self._quarantine and int(self._free.sum()) < need:
-            event, pages = self._quarantine.pop(0)
+        while self._quarantine and self._free_count < need:
+            event, ids = self._quarantine.pop(0)
             torch.cuda.current_stream().wait_event(event)
-            self._free[pages] = True
+            self._release(ids)
 
     def _first_run(self, n: int) -> int | None:
         """Start of the lowest run of >= n free pages, or None."""
         if n > self.num_pages:
             return None
-        csum = torch.cat([torch.zeros(1, dtype=torch.int64), self._free.cumsum(0)])  # [N + 1]
-        window = csum[n:] - csum[:-n]  # free pages in [i, i + n)
-        hits = torch.nonzero(window == n)
-        return int(hits[0]) if hits.numel() else None
+        csum = np.concatenate([[0], np.cumsum(self._free, dtype=np.int64)])  # [N + 1]
+        hits = np.flatnonzero(csum[n:] - csum[:-n] == n)  # runs [i, i + n) all free
+        return int(hits[0]) if hits.size else None

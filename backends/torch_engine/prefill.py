@@ -6,7 +6,10 @@ sequence holds so far, read back from the pages (SDPA). The queries of the polic
 (``Requirements.query_window``: the prompt's last W tokens) are recorded on the way, and
 the policy compresses each layer from them right after that layer's attention in the last
 chunk of the batch's last sequence (every sequence then holds its prompt there), so its
-copies to the host and its host work overlap the later layers' compute.
+copies to the host and its host work overlap the later layers' compute. Nothing in a
+prefill waits for the device (no host sync, so the host runs ahead of the GPU): the
+policy's Selects leave their validity checks on the device (``PagedExecutor.defer_checks``)
+for ``Engine._finish_prefill`` to read once.
 ``Prefill.run_random`` fills the same pages with random K/V instead and compresses each
 layer, with random queries, as soon as it is written, so peak memory stays near the
 compressed size (benchmarks where prefill time is not the point).
@@ -44,6 +47,7 @@ class Prefill:
         """Prefill the prompts (``seqs``: one [L_b] int64 tensor each, on the engine's device),
         then compress every layer. Returns the last prompt token's logits [B, V]."""
         mc, policy = self.mc, self.engine.policy
+        self.executor.defer_checks()
         for layer in range(mc.num_layers):
             self._allocate_layer(layer)
         record = [torch.zeros(self.batch, mc.num_heads, self.window, mc.head_dim, dtype=self.dtype,
@@ -59,6 +63,7 @@ class Prefill:
         """Random K/V for every prompt token and random queries [B, H_q, W, D] for the policy,
         one layer at a time: that layer is compressed before the next is written."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.executor.defer_checks()
         positions = self._window_positions()
         h_kv, d = self.mc.num_kv_heads, self.mc.head_dim
         starts = self.engine._starts_host

@@ -10,14 +10,19 @@ head already holds move device-to-device (``recalled_rows`` counts host rows,
 - 'eager_step': as 'next_step', but under CUDA graphs the step after a recall runs
   eagerly with per-layer waits (the engine's earlier behaviour, kept for comparison).
 - 'async': the recall writes FRESH pages while attention keeps reading the head's old
-  selection. At the start of each later step a finished copy (``event.query()``, no sync)
+  selection, and the host never waits: ``recall_batch`` plans every head of several
+  Recall actions (any layers) in one pass of device ops on a side stream, and one gather
+  kernel fills the fresh pages (rows the head holds move on the device, the others are
+  read from the host store over PCIe, through ``TransferRuntime.reading_rows``), spread
+  over the time the PCIe reads take. Sizes, row counts and the validity flags come back
+  in pinned memory. At the start of each later step a finished batch (``event.query()``)
   is landed: the tokens generated meanwhile are copied behind the recalled entries, the
-  head's page table and length switch to the new pages, and the old pages are freed.
-  Until then the head attends over its previous selection (one or more steps late).
+  heads' page tables and lengths switch to the new pages, and the old pages are freed; an
+  invalid action raises ActionError then (its heads keep their previous selection).
+  Until then a head attends over its previous selection (one or more steps late).
   ``max_pages`` bounds the pages in flight: beyond it (or when the pool runs short) the
-  oldest recalls land first, with a device-side wait (the heads of one Recall action go
-  in flight together, so one action may exceed the bound alone). A new action on a head or layer
-  with a recall in flight lands that recall first.
+  oldest recalls land first, the host waiting for their copies. A new action on a head
+  or layer with a recall in flight lands that recall first.
 
 On CPU every copy is synchronous, so 'async' lands at the start of the next step.
 """
@@ -26,26 +31,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import attrs
 import torch
 
 from hcpolicy.actions import ActionError, Recall
+
+from .async_recall import AsyncRecalls, _not_ascending
 
 if TYPE_CHECKING:
     from .executor import PagedExecutor
 
 LANDINGS = ("next_step", "eager_step", "async")
 Key = tuple[int, int, int]  # (layer, sequence, KV head)
-
-
-@attrs.define
-class Landing:
-    """An async recall of one head in flight: its fresh pages hold ``n`` recalled entries."""
-
-    pages: torch.Tensor  # host int64 page ids
-    n: int
-    event: torch.cuda.Event | None
-    issued: bool = False  # its copies are queued (only then may it land)
 
 
 class Recaller:
@@ -57,18 +53,20 @@ class Recaller:
         if max_pages is not None and max_pages < 1:
             raise ValueError(f"async recall pages must be >= 1 or None, got {max_pages}")
         self.exe, self.kv = executor, executor.kv
-        self.landing, self.max_pages = landing, max_pages
+        self.landing = landing
         self.pending: dict[int, torch.cuda.Event] = {}  # layer -> in-place recall to wait for
-        self.inflight: dict[Key, Landing] = {}  # async recalls, oldest first
         self.recalls = self.recalled_rows = self.moved_rows = self.landed = 0
+        self.async_ = AsyncRecalls(self, max_pages)
         self._side: torch.cuda.Stream | None = None
+
+    @property
+    def inflight(self) -> dict:
+        """Heads with an async recall in flight, oldest first."""
+        return self.async_.inflight
 
     def reset(self) -> None:
         """Drop everything in flight (its pages return to the pool once the copies are done)."""
-        for landing in self.inflight.values():
-            self._device_wait(landing.event)
-            self.kv.allocator.free(landing.pages)
-        self.inflight.clear()
+        self.async_.reset()
         for event in self.pending.values():
             self._device_wait(event)
         self.pending.clear()
@@ -89,63 +87,37 @@ class Recaller:
 
     def land_ready(self) -> int:
         """Land the async recalls whose copies have finished (``event.query()``: no sync)."""
-        ready = [k for k, x in self.inflight.items() if x.issued and (x.event is None or x.event.query())]
-        self._land(ready)
+        self.async_.reap()
+        ready = self.async_.ready()
+        self.async_.land(ready)
         return len(ready)
 
     def land_layer(self, layer: int) -> None:
-        """Land ``layer``'s async recalls now (device-side wait): an action is about to change it."""
-        self._land([k for k in self.inflight if k[0] == layer], wait=True)
+        """Land ``layer``'s async recalls now (the host waits for their copies): an action
+        is about to change the layer."""
+        self.async_.land([k for k in self.inflight if k[0] == layer], wait=True)
 
-    def _land(self, keys: list[Key], wait: bool = False) -> None:
-        kv, exe = self.kv, self.exe
-        for key in keys:
-            landing = self.inflight.pop(key)
-            if wait:
-                self._device_wait(landing.event)
-            layer, b, h = key
-            resident, total = exe.resident[key], int(kv.host_lengths[layer, b, h])
-            tail = total - resident  # tokens generated since the offload, some while in flight
-            if tail:
-                old = kv.head_rows(layer, b, h, torch.arange(resident, total, device=kv.device))
-                new = _page_rows(landing.pages, kv.page_size, landing.n, landing.n + tail, kv.device)
-                kv.kv.index_copy_(0, new, kv.kv[old])
-                kv.positions.index_copy_(0, new, kv.positions[old])
-            kv.allocator.free(kv.head_pages(layer, b, h).clone())
-            kv.set_pages(layer, b, h, landing.pages)
-            kv.host_lengths[layer, b, h] = landing.n + tail
-            exe.resident[key] = landing.n
-            self.landed += 1
-        for layer in sorted({k[0] for k in keys}):
-            kv.push_tables(layer)
+    def fence(self) -> None:
+        """Async recalls issued from now on start after the compute stream's queued work."""
+        self.async_.fence()
 
-    def _inflight_pages(self) -> int:
-        return sum(x.pages.numel() for x in self.inflight.values())
-
-    def _fresh_pages(self, need: int) -> torch.Tensor:
-        """``need`` pages for an async recall, landing the oldest in-flight recalls while the
-        bound or the pool's free pages say there is no room."""
-        def short() -> bool:
-            over = self.max_pages is not None and self._inflight_pages() + need > self.max_pages
-            return over or self.kv.allocator.free_pages < need
-
-        issued = [k for k, x in self.inflight.items() if x.issued]  # oldest first
-        while issued and short():
-            self._land([issued.pop(0)], wait=True)
-        return self.kv.allocator.allocate(need)
+    def recall_batch(self, actions: list[Recall]) -> None:
+        """Async landing: Recall actions of any layers as batches (``AsyncRecalls``)."""
+        self.async_.issue(actions)
 
     # -- Recall ----------------------------------------------------------------------------------
     def recall(self, action: Recall) -> None:
         """Heads' offloaded-range entries become ``action.selection`` (tokens generated after
         the offload stay behind them). One host read per action; a head whose set did not
         change moves nothing; resident entries move on the device, the rest come from the host."""
+        if self.landing == "async":
+            self.recall_batch([action])
+            return
         kv, exe, layer, heads, sel = self.kv, self.exe, action.layer, list(action.heads), action.selection
         keys = [(layer, b, h) for b in range(kv.batch_size) for h in heads]
         for key in keys:
             if key not in exe.host_positions:
                 raise ActionError(f"layer {layer} head {key[2]}: Recall without an earlier Offload")
-        if any(k in self.inflight for k in keys):
-            self._land([k for k in keys if k in self.inflight], wait=True)
         want = sel.indices.to(kv.device)  # [B, H', K]
         valid = sel.valid().to(kv.device)
         plans, flags = [], []
@@ -159,12 +131,12 @@ class Recaller:
         lengths, rest = host[: len(keys)], host[len(keys) : -1]
         if any(rest[0::3]) or host[-1]:
             raise ActionError(f"layer {layer}: Recall names positions that were never offloaded (or not ascending)")
-        requests, scatters = [], []
+        requests: list = []
         for j, (key, plan) in enumerate(zip(keys, plans)):
             if rest[3 * j + 1]:
                 b, i = key[1], heads.index(key[2])
-                self._recall_head(key, want[b, i], plan, lengths[j], rest[3 * j + 2], requests, scatters)
-        if not requests and not scatters:
+                self._recall_head(key, want[b, i], plan, lengths[j], rest[3 * j + 2], requests)
+        if not requests:
             if any(rest[1::3]):
                 self.recalls += 1  # moved rows on the device only
                 kv.push_tables(layer)
@@ -173,10 +145,7 @@ class Recaller:
         self.recalls += 1
         transfer = exe.runtime.recall_many([r for r, _ in requests]) if requests else None
         event = self._finish(transfer, [(r[2], dest) for r, dest in requests if dest is not None])
-        if self.landing == "async":
-            for key, _ in scatters:
-                self.inflight[key].event, self.inflight[key].issued = event, True
-        elif event is not None:
+        if event is not None:
             self.pending[layer] = event
 
     def _plan(self, layer: int, b: int, h: int, want: torch.Tensor, valid: torch.Tensor) -> dict:
@@ -201,8 +170,7 @@ class Recaller:
             "new": (valid & ~hit).sum(),
         }  # fmt: skip
 
-    def _recall_head(self, key: Key, want: torch.Tensor, plan: dict, n: int, n_new: int, requests: list,
-                     scatters: list) -> None:  # fmt: skip
+    def _recall_head(self, key: Key, want: torch.Tensor, plan: dict, n: int, n_new: int, requests: list) -> None:
         """Lay head ``key`` out for ``n`` recalled entries (in place or in fresh pages), move
         its resident ones on the device now, and queue the ``n_new`` host rows."""
         kv, exe = self.kv, self.exe
@@ -210,16 +178,8 @@ class Recaller:
         order = torch.argsort(plan["hit"][:n].to(torch.int8), stable=True)  # misses first, then hits
         miss, hit = order[:n_new], order[n_new:]
         moved = kv.kv[kv.head_rows(layer, b, h, plan["at"][hit])] if n > n_new else None  # copied before any write
-        if self.landing == "async":
-            tail = int(kv.host_lengths[layer, b, h]) - exe.resident[key]
-            pages = self._fresh_pages(kv.pages_for(n + tail + exe.reserve))
-            dest = _page_rows(pages, kv.page_size, 0, n, kv.device)
-            self.inflight[key] = Landing(pages=pages, n=n, event=None)
-            scatters.append((key, dest))
-            direct = None
-        else:
-            direct = self._make_room(layer, b, h, n)
-            dest = exe._entry_rows(layer, b, h, 0, n)
+        direct = self._make_room(layer, b, h, n)
+        dest = exe._entry_rows(layer, b, h, 0, n)
         kv.positions.index_copy_(0, dest, want[:n])
         if moved is not None:
             kv.kv.index_copy_(0, dest[hit], moved)
@@ -278,17 +238,3 @@ class Recaller:
 
 
 _BIG = torch.iinfo(torch.int64).max
-
-
-def _page_rows(pages: torch.Tensor, page_size: int, first: int, stop: int, device: torch.device) -> torch.Tensor:
-    """Pool rows of entries [first, stop) of a head laid out on ``pages`` (host ids)."""
-    entries = torch.arange(first, stop, device=device)
-    return pages.to(device)[entries // page_size] * page_size + entries % page_size
-
-
-def _not_ascending(want: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[] bool: some head's valid positions are not strictly ascending. want/valid [..., K]."""
-    if want.shape[-1] < 2:
-        return torch.zeros((), dtype=torch.bool, device=want.device)
-    step_ok = (want[..., 1:] > want[..., :-1]) | ~valid[..., 1:]
-    return ~step_ok.all()

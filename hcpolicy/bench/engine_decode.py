@@ -14,11 +14,14 @@ Parts (``--parts``, comma list; default all; split them over several calls if ne
   e  capacity at 128K: concurrent sequences that fit with full KV vs HeteroCache C=0.3
      (satellites on the host), and tokens/s of each from a measured batched decode
 
-Step kinds: 'decision' steps end a drift window (every decode_period steps): the engine
-scores it on the device and the policy may issue recalls (--device-decisions off: the
-policy scores it; ``recalls`` / ``h2d_bytes`` / ``recalled_rows`` / ``moved_rows`` say what
-moved); 'landing' steps start with a recall pending (next_step: the replay waits for it;
-async: finished copies switch pages; eager_step: the step runs eagerly); the rest 'plain'.
+Step kinds (``decode_times``): 'decision' steps end a drift window (every decode_period
+steps): the engine scores it on the device (--device-decisions off: the policy does) and
+recalls follow at once, or with --recall-landing async during the next step ('recall');
+``recalls`` / ``h2d_bytes`` / ``recalled_rows`` / ``moved_rows`` say what moved; 'landing'
+steps start with a recall pending (next_step: the replay waits for it; async: finished
+copies switch pages; eager_step: the step runs eagerly); 'in_flight' steps run while async
+copies do; the rest 'plain'. ``unsynced``: the mean step over as many steps again with no
+host sync between them, as a serving loop runs (``run_ms``).
 
 --drift: what the policy's monitor queries look like (only HeteroCache's decisions change,
 not the step's cost; with device decisions the walk below replaces the step's own queries,
@@ -55,6 +58,7 @@ from hcpolicy.bench.hf_decode import llama_like_profile
 from hcpolicy.policy.heterocache import HeteroCachePolicy
 
 PARTS = ("a", "b", "c", "c_hf", "d", "e")
+KINDS = ("plain", "decision", "recall", "in_flight", "landing")  # see decode_times
 GB = 1e9
 
 
@@ -136,8 +140,12 @@ class StepRandomWalk:
 
 
 def decode_times(engine: Engine, steps: int) -> list[dict[str, Any]]:
-    """Per decode step: ms (CUDA events), its kind (plain / decision / landing), whether it
-    ran eagerly, and what its recalls moved (host bytes and rows, device-moved rows)."""
+    """Per decode step: ms (CUDA events around ``decode``, the host waiting for the compute
+    stream after each step, so host work inside a step counts), its kind and what its recalls moved (host
+    bytes and rows, device-moved rows). Kinds: 'decision' (a window is scored), 'recall'
+    (recalls issued: at once after a decision, or with async landing during the next
+    step), 'landing' (in-place recalls waited for, or async ones switched in), 'in_flight'
+    (async copies running under the step), 'plain'."""
     tok = torch.zeros(engine.batch, dtype=torch.int64, device="cuda")
     exe, rec = engine.executor, engine.executor.recaller
     out = []
@@ -145,25 +153,61 @@ def decode_times(engine: Engine, steps: int) -> list[dict[str, Any]]:
         before = (exe.recalls, exe.recalled_rows, exe.moved_rows, rec.landed, engine.eager_steps,
                   engine.runtime.counters().h2d_bytes)  # fmt: skip
         decision = engine.observer.due(engine.step)
-        landing = bool(exe.pending) or bool(rec.inflight)
+        pending, flying = bool(exe.pending), bool(rec.inflight)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         engine.decode(tok)
         b.record()
-        torch.cuda.synchronize()
+        b.synchronize()  # the compute stream only: async copies run on under the next steps
         after = (exe.recalls, exe.recalled_rows, exe.moved_rows, rec.landed, engine.eager_steps,
                  engine.runtime.counters().h2d_bytes)  # fmt: skip
         d = [x - y for x, y in zip(after, before)]
-        kind = "decision" if decision else ("landing" if landing else "plain")
+        if decision:
+            kind = "decision"
+        elif d[0]:
+            kind = "recall"
+        elif pending or d[3]:
+            kind = "landing"
+        else:
+            kind = "in_flight" if flying else "plain"
         out.append({"ms": a.elapsed_time(b), "kind": kind, "eager": d[4] > 0, "recalls": d[0],
                     "recalled": d[0] > 0, "recalled_rows": d[1], "moved_rows": d[2], "landed": d[3],
-                    "h2d_bytes": d[5]})  # fmt: skip
+                    "h2d_bytes": d[5], "in_flight": len(rec.inflight)})  # fmt: skip
     return out
+
+
+def by_kind(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and max ms per step kind, and each median over the plain steps' median."""
+    kinds: dict[str, list[float]] = {}
+    for s in steps:
+        kinds.setdefault(s["kind"], []).append(s["ms"])
+    plain = statistics.median(kinds["plain"]) if "plain" in kinds else None
+    return {k: {"n": len(v), "median_ms": statistics.median(v), "max_ms": max(v),
+                "median_over_plain": statistics.median(v) / plain if plain else None} for k, v in kinds.items()}  # fmt: skip
+
+
+def run_ms(engine: Engine, steps: int) -> dict[str, Any]:
+    """``steps`` steps with no host sync between them (the host runs ahead as a serving loop
+    does): the mean ms per step until the compute stream has produced the last token
+    (async copies still running then are not waited for), and the recalls in the window."""
+    tok = torch.zeros(engine.batch, dtype=torch.int64, device="cuda")
+    exe, rec = engine.executor, engine.executor.recaller
+    before = (exe.recalls, rec.landed, engine.runtime.counters().h2d_bytes)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.decode(tok)
+    torch.cuda.current_stream().synchronize()
+    ms = (time.perf_counter() - t0) * 1e3 / steps
+    torch.cuda.synchronize()
+    after = (exe.recalls, rec.landed, engine.runtime.counters().h2d_bytes)
+    return {"ms_mean": ms, "steps": steps, "recalls": after[0] - before[0], "landed": after[1] - before[1],
+            "h2d_bytes": after[2] - before[2]}  # fmt: skip
 
 
 def engine_cell(model: Any, context: int, batch: int, policy: Any, steps: int, warmup: int, bw: float,
                 num_pages: int | None = None, args: argparse.Namespace | None = None) -> dict[str, Any]:  # fmt: skip
-    new = steps + warmup + 1
+    new = 2 * steps + warmup + 1  # timed steps with a host sync each, then as many without
     options = {} if args is None else engine_options(args)
     engine = Engine(model, EngineConfig(max_batch_size=batch, max_seq_len=context + new, num_pages=num_pages,
                                         **options))  # fmt: skip
@@ -179,6 +223,7 @@ def engine_cell(model: Any, context: int, batch: int, policy: Any, steps: int, w
     fill_s = time.perf_counter() - t0
     kv_read = engine.kv_bytes_read()
     every = decode_times(engine, warmup + steps)
+    unsynced = run_ms(engine, steps)
     timed = every[warmup:]
     ms = [s["ms"] for s in timed]
     floor = (model.weight_bytes() + kv_read) / bw * 1e3
@@ -196,12 +241,20 @@ def engine_cell(model: Any, context: int, batch: int, policy: Any, steps: int, w
         "monitor_fires": engine.monitor.fires if engine.monitor is not None else None,
         "peak_gb": torch.cuda.max_memory_allocated() / GB, "pool_gb": engine.kv.pool_bytes() / GB,
         "tokens_per_s": batch * 1e3 / statistics.mean(ms),
+        "by_kind": by_kind(every[1:]), "unsynced": unsynced,
     }  # fmt: skip
     engine.release()
     del engine
     gc.collect()  # the engine, its graphs and executor refer to each other: free the pool now
     torch.cuda.empty_cache()
     return row
+
+
+def warm_up(model: Any, config: ModelConfig, args: argparse.Namespace) -> None:
+    """A short HeteroCache run at 16K through a decision and its recalls, discarded: the
+    kernels a first recall or decision compiles (Triton JIT, CUDA graph capture of the
+    decision) are then ready, as in a serving process past its first request."""
+    engine_cell(model, 16384, 1, hetero(config.spec(), args.compression), 4, 6, 1.0, args=args)
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -407,6 +460,7 @@ def main() -> None:
             f"floor {results['b'].get('floor_ms', float('nan')):.2f}")
     if "c" in parts or "d" in parts:
         def part_c() -> dict[str, Any]:
+            warm_up(model, config, args)
             hc = engine_cell(model, args.long_context, 1, hetero(config.spec(), args.compression), args.steps,
                              args.warmup, bw, args=args)  # fmt: skip
             log(f"c: heterocache {args.long_context}: {hc['ms_per_token']:.2f} ms/token (plain "
@@ -419,7 +473,7 @@ def main() -> None:
     if "d" in parts and "heterocache" in results.get("c", {}):
         steps = results["c"]["heterocache"]["steps"][args.warmup :]
         results["d_steps"] = {"drift": args.drift, "recall_landing": args.recall_landing}
-        for kind in ("plain", "decision", "landing"):
+        for kind in KINDS:
             group = [s for s in steps if s["kind"] == kind]
             ms = [s["ms"] for s in group]
             results["d_steps"][kind] = {
@@ -429,7 +483,7 @@ def main() -> None:
                 "recalled_rows": sum(s["recalled_rows"] for s in group), "moved_rows": sum(s["moved_rows"] for s in group),
             }  # fmt: skip
         plain = results["d_steps"]["plain"]["median_ms"]
-        for kind in ("decision", "landing"):
+        for kind in KINDS[1:]:
             ms = results["d_steps"][kind]["median_ms"]
             results["d_steps"][kind]["over_plain"] = ms / plain if ms and plain else None
         log(f"d: step medians {json.dumps(results['d_steps'])}")

@@ -23,12 +23,14 @@ from collections.abc import Sequence
 import attrs
 import torch
 
+from hcpolicy._device import upload
 from hcpolicy._validate import fraction, positive
 from hcpolicy.actions import Action, Offload, Recall, Select, Selection
 from hcpolicy.budget import InverseStabilityAllocator, sequence_budgets
 from hcpolicy.capabilities import Requirements
 from hcpolicy.drift import DriftTrigger, WindowedOverlap
 from hcpolicy.monitor import WindowPlan
+from hcpolicy.policy.satellites import satellite_sets
 from hcpolicy.observe import LayerCache, Observation
 from hcpolicy.policy.base import Policy
 from hcpolicy.profile import HeadProfile, Role
@@ -61,6 +63,7 @@ class HeteroCachePolicy(Policy):
     _monitor_k: int = attrs.field(default=1, init=False, repr=False)
     _pending: dict = attrs.field(factory=dict, init=False, repr=False)
     _widths: dict = attrs.field(factory=dict, init=False, repr=False)
+    _budgets_host: dict = attrs.field(factory=dict, init=False, repr=False)  # (layer, pivot) -> [B, S] CPU
     _compressed: dict = attrs.field(factory=dict, init=False, repr=False)  # layer -> (heads, budgets [B, H'])
     recalls: int = attrs.field(default=0, init=False)
 
@@ -95,6 +98,7 @@ class HeteroCachePolicy(Policy):
         self._budgets.clear()
         self._pending.clear()
         self._widths.clear()
+        self._budgets_host.clear()
         self._compressed.clear()
         self.trigger.reset()
         self.recalls = 0
@@ -105,9 +109,12 @@ class HeteroCachePolicy(Policy):
         layer, length = obs.layer, obs.prompt_length
         w = min(self.prefill_window, obs.queries.shape[2])
         scores = self._last_token_scores(obs.queries[:, :, -w:], obs.query_positions[-w:], obs.cache)  # [B, H_kv, L]
+        # the allocator reads no scores: budgets are host numbers (ratios, C, each sequence's
+        # length), read here for free; the device gets its copies without a sync (upload)
         budgets = sequence_budgets(
-            self._allocator, spec, layer, self.compression, length, scores, obs.cache.starts
-        )  # [B, H_kv]
+            self._allocator, spec, layer, self.compression, length, None, obs.cache.starts_list(),
+            batch_size=scores.shape[0],
+        )  # [B, H_kv] host
         self._monitor_k = self.monitor_k or max(1, min(length, round(self._allocator.base(self.compression, length))))
         roles = self.profile.roles[layer]
         compressed = [h for h, r in enumerate(roles) if not r.full]
@@ -119,19 +126,25 @@ class HeteroCachePolicy(Policy):
             offload = compressed if self.refresh else satellites
         if offload:
             actions.append(Offload(layer=layer, heads=offload))
-        self._compressed[layer] = (compressed, budgets[:, compressed])
+        kept = budgets[:, compressed]  # [B, H'] host
+        kept_device = upload(kept, scores.device)
+        self._compressed[layer] = (compressed, kept_device)
         if compressed:
-            idx = torch.tensor(compressed, device=scores.device)
+            idx = upload(compressed, scores.device)
+            # a prefill cache is dense (L - starts[b] valid entries per head), which each
+            # budget fits: the host budgets are the selection's lengths (host_budgets)
             selection = topk_selection(
-                scores[:, idx], budgets[:, idx], obs.cache.positions[:, idx], obs.cache.valid()[:, idx]
+                scores[:, idx], kept_device, obs.cache.positions[:, idx], obs.cache.valid()[:, idx], host_budgets=kept
             )
             actions.append(Select(layer=layer, heads=compressed, selection=selection))
         for pivot, sats in self.profile.clusters[layer].items():
             if not sats:
                 continue
             sat_idx = [compressed.index(s) for s in sats]
-            self._satellite_sets[(layer, pivot)] = _subset(selection, sat_idx)
-            self._budgets[(layer, pivot)] = budgets[:, list(sats)]
+            sat_index = upload(sat_idx, scores.device)
+            self._satellite_sets[(layer, pivot)] = _subset(selection, sat_idx, sat_index)
+            self._budgets[(layer, pivot)] = kept_device[:, sat_index]  # budgets[:, sats]
+            self._budgets_host[(layer, pivot)] = budgets[:, list(sats)]
             # host copy of the widest satellite budget: sizes recalls without a sync
             self._widths[(layer, pivot)] = int(budgets[:, list(sats)].max())
             self.trigger.set_reference((layer, pivot), topk_sets(scores[:, pivot], self._monitor_k))
@@ -222,11 +235,31 @@ class HeteroCachePolicy(Policy):
                 positions: torch.Tensor) -> Recall:  # fmt: skip
         """The satellites of pivot ``key`` take the pivot's newest scores [B, L] (positions
         [B, L]) where ``fired`` [B], and keep their selection elsewhere."""
-        fresh = self._satellite_selection(scores, self._budgets[key], positions, self._widths[key])
-        merged = _merge(fired, fresh, self._satellite_sets[key])
-        self._satellite_sets[key] = merged
-        self.recalls += 1
-        return Recall(layer=key[0], heads=self.profile.clusters[key[0]][key[1]], selection=merged)
+        return self._recalls([key], fired[None], None, scores[None], positions)[0]
+
+    def _recalls(self, keys: list[tuple[int, int]], fired: torch.Tensor, fired_host: list[list[bool]] | None,
+                 scores: torch.Tensor, positions: torch.Tensor) -> list[Recall]:  # fmt: skip
+        """``_recall`` for pivots ``keys`` at once (one batch of sorts): fired [P, B] (and
+        its host copy, when known: sequences that all fired need no merge), scores [P, B, L]."""
+        length = scores.shape[-1]
+        sats = [self.profile.clusters[layer][pivot] for layer, pivot in keys]
+        s_max = max(len(x) for x in sats)
+        host = torch.zeros(len(keys), scores.shape[1], s_max, dtype=torch.int64)  # [P, B, S] budgets
+        for i, key in enumerate(keys):
+            host[i, :, : len(sats[i])] = self._budgets_host[key]
+        host = host.clamp(max=length)
+        width = max(self._widths[key] for key in keys)
+        indices, lengths = satellite_sets(scores, positions, upload(host, scores.device), width, self.faithful)
+        recalls = []
+        for i, (key, heads) in enumerate(zip(keys, sats)):
+            s = len(heads)
+            fresh = Selection(indices=indices[i, :, :s], lengths=lengths[i, :, :s], host_lengths=host[i, :, :s])
+            every = fired_host is not None and all(fired_host[i])
+            merged = fresh if every else _merge(fired[i], fresh, self._satellite_sets[key], fired_host and fired_host[i])
+            self._satellite_sets[key] = merged
+            self.recalls += 1
+            recalls.append(Recall(layer=key[0], heads=heads, selection=merged))
+        return recalls
 
     def decode_layers(self, observations: Sequence[Observation]) -> list[Sequence[Action]]:
         """Every layer of one decision step together (the engine's CUDA-graph step): all
@@ -279,47 +312,24 @@ class HeteroCachePolicy(Policy):
             return None
         keys = [(layer, p) for layer in range(spec.num_layers) for p in self._monitors(layer)]
 
-        def act(fired: torch.Tensor, hits: list[bool], newest: torch.Tensor, positions: torch.Tensor) -> dict:
-            picked = [p for p, hit in enumerate(hits) if hit]
+        def act(fired: torch.Tensor, fired_host: list[list[bool]], newest: torch.Tensor,
+                positions: torch.Tensor) -> dict:  # fmt: skip
+            picked = [p for p, row in enumerate(fired_host) if any(row)]
             actions: dict[int, list[Action]] = {}
             if not picked:
                 return actions
-            idx = torch.tensor(picked, device=newest.device)
-            trigger.move([keys[p] for p in picked], fired[idx], topk_sets(newest[idx], self._monitor_k))
-            for p in picked:
-                actions.setdefault(keys[p][0], []).append(self._recall(keys[p], fired[p], newest[p], positions))
+            idx = upload(picked, newest.device)
+            now, scores = fired[idx], newest[idx]
+            trigger.move([keys[p] for p in picked], now, topk_sets(scores, self._monitor_k))
+            recalls = self._recalls([keys[p] for p in picked], now, [fired_host[p] for p in picked], scores, positions)
+            for recall in recalls:
+                actions.setdefault(recall.layer, []).append(recall)
             return actions
 
         return WindowPlan(
             monitors=tuple(keys), window=trigger.window, k=self._monitor_k, pool_kernel=self.pool_kernel,
             gqa=self.gqa, references=lambda: trigger.references(keys), fire=trigger.fire, act=act,
         )  # fmt: skip
-
-    def _satellite_selection(
-        self, scores: torch.Tensor, budgets: torch.Tensor, positions: torch.Tensor, width: int
-    ) -> Selection:
-        """Pivot scores [B, L] -> each satellite's recalled positions; budgets [B, S]; width:
-        the largest budget (host int)."""
-        b, s = budgets.shape
-        if not self.faithful:
-            # satellite i takes the top-l_i of one ranking: what topk_selection gives for S
-            # copies of the row (ties to the lower index), from one sort instead of S
-            length = scores.shape[-1]
-            w = min(width, length)
-            lengths = budgets.to(scores.device).clamp(min=0, max=length).to(torch.int64)  # [B, S]
-            order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :w]  # [B, w]
-            picked, rank = torch.sort(positions.gather(-1, order), dim=-1)  # [B, w] ascending, their ranks
-            dropped = (rank.unsqueeze(1) >= lengths.unsqueeze(-1)).to(torch.uint8)  # [B, S, w]
-            # each satellite's kept entries to its front, in position order (a one-byte key)
-            front = torch.sort(dropped, dim=-1, stable=True).indices  # [B, S, w]
-            indices = picked.unsqueeze(1).expand(b, s, w).gather(-1, front)  # [B, S, w]
-            pad = torch.arange(w, device=indices.device) >= lengths.unsqueeze(-1)  # [B, S, w]
-            return Selection(indices=indices.masked_fill(pad, 0), lengths=lengths)
-        # reference: top-max(l) candidates sorted by position; satellite i takes the first l_i
-        widest = budgets.max(dim=1, keepdim=True).values  # [B, 1]
-        cand = topk_selection(scores.unsqueeze(1), widest, positions.unsqueeze(1), width=width)  # [B, 1, K]
-        indices = cand.indices.expand(b, s, -1).contiguous()
-        return Selection(indices=indices, lengths=torch.minimum(budgets, cand.lengths))
 
     def _last_token_scores(self, queries: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """Pooled, group-folded attention of the last prompt queries (max over them):
@@ -339,21 +349,30 @@ def _padding(cache: LayerCache) -> torch.Tensor | None:
     return cache.valid() if cache.starts is not None else None
 
 
-def _merge(fired: torch.Tensor, fresh: Selection, old: Selection) -> Selection:
-    """Per sequence: ``fresh`` where ``fired`` [B], else ``old`` (padding widths may differ)."""
+def _merge(fired: torch.Tensor, fresh: Selection, old: Selection, fired_host: list[bool] | None = None) -> Selection:
+    """Per sequence: ``fresh`` where ``fired`` [B], else ``old`` (padding widths may differ).
+    ``fired_host``: the same on the host, which carries the host lengths when both have them."""
     width = max(fresh.indices.shape[2], old.indices.shape[2])
 
     def widen(t: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.pad(t, (0, width - t.shape[2]))
 
+    host = None
+    if fired_host is not None and fresh.host_lengths is not None and old.host_lengths is not None:
+        pick = torch.tensor(fired_host).unsqueeze(1)  # [B, 1]
+        host = torch.where(pick, fresh.host_lengths, old.host_lengths)
     return Selection(
         indices=torch.where(fired[:, None, None], widen(fresh.indices), widen(old.indices)),
-        lengths=torch.where(fired[:, None], fresh.lengths, old.lengths),
-    )
+        lengths=torch.where(fired[:, None], fresh.lengths, old.lengths), host_lengths=host,
+    )  # fmt: skip
 
 
-def _subset(selection: Selection, heads: list[int]) -> Selection:
-    return Selection(indices=selection.indices[:, heads], lengths=selection.lengths[:, heads])
+def _subset(selection: Selection, heads: list[int], index: torch.Tensor | None = None) -> Selection:
+    """The selection of ``heads`` (its head dim); ``index``: the same heads as a device
+    tensor (else the list indexes the device: one host sync)."""
+    host = None if selection.host_lengths is None else selection.host_lengths[:, heads]
+    where = heads if index is None else index
+    return Selection(indices=selection.indices[:, where], lengths=selection.lengths[:, where], host_lengths=host)
 
 
 def _stack_views(views: list[LayerCache]) -> LayerCache:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
-from typing import Hashable, Literal, Optional, Sequence
+from typing import Hashable, Iterator, Literal, Optional, Sequence
 
 import attrs
 import torch
 
 from hcpolicy.runtime.counters import Tally, TransferCounters
+from hcpolicy.runtime.hostrows import HostRows
 from hcpolicy.runtime.paths import DirectPath, HostPath, RecallPath, StagedPath, ZeroCopyPath
 from hcpolicy.runtime.plan import RecallRequest
 from hcpolicy.runtime.requests import check_ranges, check_src, make_request
@@ -17,7 +19,7 @@ from hcpolicy.runtime.staging import IndexRing, StagingRing
 from hcpolicy.runtime.store import HostAlloc, HostBlock, HostStore, default_host_alloc, pending_offload
 from hcpolicy.runtime.streams import RECALL_PRIORITIES, RecallPriority, RecallStreams
 from hcpolicy.runtime.transfer import Inflight, Transfer
-from hcpolicy.runtime.window import WindowCache
+from hcpolicy.runtime.window import WindowCache, word_for
 
 RecallMode = Literal["zero_copy", "staged", "direct"]
 RECALL_MODES: tuple[str, ...] = ("zero_copy", "staged", "direct")
@@ -251,6 +253,54 @@ class TransferRuntime:
             block.last_read = event
         self._h2d.issued(h2d, event)  # type: ignore[union-attr]
         return Transfer(event, self._tally)
+
+    @contextlib.contextmanager
+    def reading_rows(self, keys: Sequence[Hashable], *, align: Sequence[int] = ()) -> Iterator[HostRows]:
+        """Lend the host blocks of ``keys`` (one row size) to the caller's own kernel.
+
+        Inside the block the current stream is the recall stream (CUDA), ordered after the
+        caller's stream and after the blocks' offloads; work enqueued there may read
+        ``view.flat``. On exit an event is recorded behind it: ``view.transfer`` (wait for
+        it with ``wait``), and no block is released before it completes. ``align``: other
+        addresses or sizes the word must divide (the caller's destination, its row bytes).
+        On CPU ``flat`` is the host memory itself and the caller's ops run synchronously.
+        Bytes moved are the caller's to report (``count_h2d``): only it knows which rows
+        it read. Raises KeyError for an unknown key, ValueError for mixed row sizes.
+        """
+        self._reap()
+        blocks = [self._store.get(key) for key in keys]
+        if not blocks:
+            raise ValueError("reading_rows needs at least one key")
+        if len({b.rowbytes for b in blocks}) != 1:
+            raise ValueError("reading_rows needs keys of one row size")
+        unique = list({id(b): b for b in blocks}.values())
+        window = self._windows.get(unique)
+        word_bytes, word, _ = word_for(window.word_bytes, window.rowbytes, *align)
+        flat = window.host_flat() if self._h2d is None else window.device_flat(self.device)
+        view = HostRows(flat=flat.view(torch.uint8).view(word), row_words=window.rowbytes // word_bytes, word=word,
+                        starts=tuple((b.ptr - window.base) // word_bytes for b in blocks),
+                        rows=tuple(b.rows for b in blocks))  # fmt: skip
+        if self._h2d is None:
+            yield view
+            view.transfer = Transfer(None, self._tally)
+            return
+        h2d = self._h2d.get(self._priority())
+        h2d.wait_stream(torch.cuda.current_stream(self.device))
+        offload = pending_offload(unique)
+        if offload is not None:
+            h2d.wait_event(offload)
+        with torch.cuda.stream(h2d):
+            yield view
+            event = self._record(h2d, *(b.data for b in unique))
+        for block in unique:
+            block.last_read = event
+        self._h2d.issued(h2d, event)
+        self._tally.add(recalls=len(blocks), gathers=1)
+        view.transfer = Transfer(event, self._tally)
+
+    def count_h2d(self, nbytes: int) -> None:
+        """Account bytes a ``reading_rows`` caller moved to the device."""
+        self._tally.add(h2d_bytes=nbytes)
 
     # ---- ordering, lifetime, accounting ----------------------------------------------
 

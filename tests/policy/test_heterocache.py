@@ -191,3 +191,27 @@ def test_prefill_window_takes_the_max_over_the_last_prompt_queries():
         assert select.selection.indices[0, i, :n].tolist() == expected
     with pytest.raises(ValueError):
         HeteroCachePolicy(profile=prof, compression=0.7, prefill_window=0)
+
+
+@pytest.mark.parametrize("starts, host_starts", [(None, False), ([0, 11], False), ([0, 11], True)])
+def test_prefill_selection_carries_its_host_lengths(starts, host_starts):
+    """The budgets are host numbers: each Select carries them as host lengths (what the
+    engine sizes pages with, reading nothing), equal to its lengths, and the satellites'
+    stored selections keep theirs."""
+    pol = HeteroCachePolicy(profile=profile(), compression=0.7)
+    pol.reset(SPEC, 2)
+    gen = torch.Generator().manual_seed(5)
+    for layer in range(2):
+        k = torch.randn(2, 4, L, 16, generator=gen)
+        cache = LayerCache.dense(k, starts=None if starts is None else torch.tensor(starts),
+                                 host_starts=starts if host_starts else None)  # fmt: skip
+        obs = Observation(phase=Phase.PREFILL, layer=layer, queries=torch.randn(2, 8, 1, 16, generator=gen),
+                          query_positions=torch.tensor([L - 1]), cache=cache, prompt_length=L)  # fmt: skip
+        (select,) = [a for a in pol.prefill(obs) if isinstance(a, Select)]
+        sel = select.selection
+        assert sel.host_lengths is not None and torch.equal(sel.host_lengths, sel.lengths)
+        assert sel.indices.shape[2] == int(sel.lengths.max())  # padded to the widest, as before
+    for (layer, pivot), sats in pol._satellite_sets.items():
+        assert torch.equal(sats.host_lengths, sats.lengths)
+        assert torch.equal(pol._budgets[(layer, pivot)], sats.lengths)
+        assert pol._widths[(layer, pivot)] == int(sats.lengths.max())

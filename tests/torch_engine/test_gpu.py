@@ -198,3 +198,33 @@ def test_device_decisions_under_graphs_equal_the_policys(tau):
     assert runs[0][1:] == runs[1][1:]
     assert (runs[0][1] > 0) == (tau > 0.5)
     assert torch.equal(runs[0][0], runs[1][0])
+
+
+def test_async_device_decisions_under_graphs_recall_what_the_policy_decides():
+    """Device decisions with async recalls under CUDA graphs: the act runs during the next
+    step and the recalls go out in the one after, every recall of a batch lands from the
+    pinned facts, and the recalled entries are the host store's bytes; the same recalls as
+    acting at once (two steps later)."""
+    from hcpolicy.drift import WindowedOverlap
+
+    prompt = torch.randint(0, 512, (1500,), generator=torch.Generator().manual_seed(5)).tolist()
+    runs = {}
+    for landing in ("next_step", "async"):
+        engine = small_engine(True, recall_landing=landing)
+        policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6,
+                                   trigger=WindowedOverlap(tau=0.97))  # fmt: skip
+        engine.prefill([prompt], policy, max_new_tokens=13)
+        assert engine.monitor is not None
+        tok, issued = torch.tensor([3], device="cuda"), []
+        for _ in range(12):
+            tok = engine.decode(tok).argmax(-1)
+            issued.append(engine.executor.recalls)
+        torch.cuda.synchronize()
+        engine.executor.recaller.land_ready()
+        assert not engine.executor.recaller.inflight and engine.eager_steps == 0
+        assert torch.equal(engine.kv.lengths.cpu(), engine.kv.host_lengths)
+        assert_satellites_match_host(engine)
+        runs[landing] = (issued, engine.executor.recalled_rows + engine.executor.moved_rows)
+    now, later = runs["next_step"], runs["async"]
+    assert now[0][4] > 0 and later[0][5] == 0 and now[0][4] == later[0][6]
+    assert now[1] == later[1]

@@ -89,19 +89,25 @@ def test_batching_changes_nothing_but_the_calls(model, observe, trigger):
 
 
 def test_deferred_recalls_serve_the_next_step(model):
-    """Deferred observation: a recall decided after step s changes step s + 1 on, so the
-    tokens may differ from inline; both agree with themselves under every landing mode."""
-    outs = {}
+    """Deferred observation: a recall decided after step s changes step s + 1 on (in place)
+    or, async, from the step after the one it landed behind (s + 2 on CPU, where copies are
+    done when issued); the in-place modes agree with each other, and every mode recalls as
+    often."""
+    outs, recalls = {}, {}
     for landing in ("next_step", "eager_step", "async"):
         engine = small_engine(model, observe="deferred", recall_landing=landing)
         policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6, trigger=EveryN(n=2))
         outs[landing] = engine.generate(ids(80, seed=4), NEW, policy)
+        recalls[landing] = engine.executor.recalls
         assert engine.executor.recalls > 0
         if landing == "async":
             assert engine.executor.recaller.landed > 0
     assert torch.equal(outs["next_step"].logits, outs["eager_step"].logits)
-    # on CPU a copy is done when issued: async lands at the next step, as next_step does
-    assert torch.equal(outs["next_step"].logits, outs["async"].logits)
+    assert recalls["next_step"] == recalls["eager_step"] == recalls["async"]
+    # logits [prefill, step 0, step 1, ...]: the first recall, decided after step 1, serves
+    # step 2 in place, and lands behind step 2 when async
+    assert torch.equal(outs["next_step"].logits[:, :3], outs["async"].logits[:, :3])
+    assert not torch.equal(outs["next_step"].logits[:, 3], outs["async"].logits[:, 3])
 
 
 def satellite_rows_match_host(engine, layer, b, h):
