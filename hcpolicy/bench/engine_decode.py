@@ -428,8 +428,9 @@ def main() -> None:
     path = Path(args.output)
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                "args": vars(args), "command": "python3 -m hcpolicy.bench.engine_decode " +
-                               f"--parts {args.parts} --drift {args.drift} --recall-landing {args.recall_landing} "
-                               f"--fused {args.fused} --output {path.name}"}  # fmt: skip
+                               f"--parts {args.parts} --drift {args.drift} --drift-sigma {args.drift_sigma} "
+                               f"--recall-landing {args.recall_landing} --steps {args.steps} --fused {args.fused} "
+                               f"--output {path.name}"}  # fmt: skip
 
     def save() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
