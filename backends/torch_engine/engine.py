@@ -217,8 +217,8 @@ class Engine:
         if self._actions is not None:  # acted on in the previous step: issue its recalls now
             actions, self._actions = self._actions, None
             exe.apply(actions)
-        if self._decided:  # the previous step's window: act on it while this step runs
-            self._decided = False
+        if self._decided or (self.monitor is not None and self.monitor.pending):
+            self._decided = False  # the previous step's window: act on (a share of) it now
             self._act()
         if self.deferred and self.observer.due(self.step):
             self._observe_recorded()
@@ -306,6 +306,8 @@ class Engine:
         the policy sees every layer's recorded queries in one call
         (``Policy.decode_layers``). Then each layer's actions apply."""
         if self.monitor is not None:
+            while self.monitor.pending:  # the last decision's acts finish before this one
+                self._act()
             if self._acted is not None:  # the previous decision's act still reads the scores
                 torch.cuda.current_stream(self.device).wait_event(self._acted)
                 self._acted = None
@@ -330,17 +332,19 @@ class Engine:
 
     def _act(self) -> None:
         """The monitor's actions for its last decision, in layer order: applied now, or with
-        async recalls in the next step (the host's work of a decision then spreads over two
-        steps, each hidden behind its step's replay), their device work on the recalls'
-        side stream, off the decode steps."""
+        async recalls a share of the fired monitors per step, each share's recalls issued in
+        the step after (the host's work of a decision then spreads over the steps before the
+        next one, each share hidden behind its step's replay), their device work on the
+        recalls' side stream, off the decode steps."""
         rec = self.executor.recaller
-        side = rec.async_.side() if rec.landing == "async" else None
-        actions = [a for _, acts in sorted(self.monitor.act(stream=side).items()) for a in acts]
         if rec.landing != "async":
-            self.executor.apply(actions)
+            self.executor.apply([a for _, acts in sorted(self.monitor.act().items()) for a in acts])
             return
+        side = rec.async_.side()
+        spread = max(1, self.observer.period - 1)  # each share acted on, then issued, before the next decision
+        actions = [a for _, acts in sorted(self.monitor.act(stream=side, spread=spread).items()) for a in acts]
         if actions:
-            self._actions = actions
+            self._actions = (self._actions or []) + actions
         if side is not None and actions:
             self._acted = torch.cuda.Event()
             self._acted.record(side)

@@ -68,6 +68,7 @@ class DeviceMonitor:
                                    slot=engine.observer.slot, prompt=prompt, tile=self.tile)  # fmt: skip
         self.decisions = self.fires = 0
         self._fired_host: torch.Tensor | None = None
+        self._todo: tuple | None = None  # (fired host lists, monitors still to act on, per call)
         self._staged: torch.cuda.Event | None = None
 
     def tap(self, layer: int) -> Tap | None:
@@ -95,28 +96,42 @@ class DeviceMonitor:
         self._staged = torch.cuda.Event()
         self._staged.record(torch.cuda.current_stream(self.fired.device))
 
-    def act(self, stream: torch.cuda.Stream | None = None) -> dict[int, list[Action]]:
+    def act(self, stream: torch.cuda.Stream | None = None, spread: int = 1) -> dict[int, list[Action]]:
         """After ``decide`` ran: the plan's actions for the monitors that fired (one host
         read; after ``stage``, a wait for the decision alone). ``stream``: where the plan's
-        device work runs (after the decision), e.g. off the compute stream."""
-        self.decisions += 1
-        staged, self._staged = self._staged, None
-        if staged is not None:
-            staged.synchronize()
-            fired = self._fired_host.tolist()
-        else:
-            fired = self.fired.tolist()
-        picked = [i for i, row in enumerate(fired) if any(row)]
-        if not picked:
-            return {}
-        self.fires += len(picked)
-        if stream is not None:
-            stream.wait_event(staged) if staged is not None else stream.wait_stream(torch.cuda.current_stream())
+        device work runs (after the decision), e.g. off the compute stream. ``spread``: act
+        on the fired monitors over that many calls, a share each (``pending`` says whether
+        some wait); the next ``decide`` must come after the last."""
+        if self._todo is None:
+            self.decisions += 1
+            staged, self._staged = self._staged, None
+            if staged is not None:
+                staged.synchronize()
+                fired = self._fired_host.tolist()
+            else:
+                fired = self.fired.tolist()
+            picked = [i for i, row in enumerate(fired) if any(row)]
+            if not picked:
+                return {}
+            self.fires += len(picked)
+            if stream is not None:
+                stream.wait_event(staged) if staged is not None else stream.wait_stream(torch.cuda.current_stream())
+            self._todo = (fired, picked, -(-len(picked) // max(1, spread)))
+        fired, picked, share = self._todo
+        now, rest = picked[:share], picked[share:]
+        self._todo = (fired, rest, share) if rest else None
+        chosen = set(now)
+        fired = [row if i in chosen else [False] * len(row) for i, row in enumerate(fired)]
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             actions = self.plan.act(self.fired, fired, self.scores[-1], self.positions)
-            idx = upload(picked, self.fired.device)
+            idx = upload(now, self.fired.device)
             self.masks[idx] = reference_masks(self.plan.references()[idx], self.prompt)  # the moved references
         return actions
+
+    @property
+    def pending(self) -> bool:
+        """Fired monitors of the last decision not acted on yet (``act`` with ``spread``)."""
+        return self._todo is not None
 
 
 def monitor_for(engine: "Engine") -> DeviceMonitor | None:

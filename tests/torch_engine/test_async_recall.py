@@ -1,7 +1,7 @@
 """Async recalls (``recall_landing='async'``): Recall actions of many layers go out as one
 batch with no host read, land later from pinned facts, and report bad actions when they
-land; with a DeviceMonitor the decision is acted on during the next step and its recalls
-go out in the one after."""
+land; with a DeviceMonitor a decision is acted on over the next steps, a share of the
+fired pivots each, and each share's recalls go out in the step after."""
 
 import importlib.util
 
@@ -121,20 +121,24 @@ def test_a_bad_recall_raises_when_it_lands(model):
 
 def test_device_decisions_act_during_the_next_steps(model):
     """With a DeviceMonitor and async recalls the window decided after step s is acted on
-    during step s + 1 and its recalls go out during step s + 2: the same recalls as acting
-    at once, issued two steps later."""
+    a share of the fired pivots per step from s + 1 on (spread over the steps before the
+    next decision), each share's recalls going out in the step after: the same recalls as
+    acting at once, issued later."""
     runs = {}
     for landing in ("next_step", "async"):
         engine = prefilled(model, landing)
         assert engine.monitor is not None
-        tok, issued = torch.tensor([4]), []
-        for _ in range(8):  # step 4 decides; async: acted on at 5, issued at 6, landed behind 7
+        tok, seen = torch.tensor([4]), []
+        for _ in range(9):  # step 4 decides (2 pivots fire); async: one acted on at 5 and 6
             tok = engine.decode(tok).argmax(-1)
-            issued.append(engine.executor.recalls)
-        runs[landing] = (issued, engine.executor.recalled_rows + engine.executor.moved_rows)
+            exe = engine.executor
+            seen.append((exe.recalls, exe.recalled_rows + exe.moved_rows, engine.monitor.pending))
+        runs[landing] = seen
     now, later = runs["next_step"], runs["async"]
-    assert now[0][4] > 0 and now[0][4] == later[0][6] and later[0][5] == 0  # step 4 decides
-    assert now[1] == later[1]
+    assert now[4][0] == 2 and now[3][0] == 0  # both pivots fired after step 4: recalled at once
+    assert [x[0] for x in later[4:8]] == [0, 0, 1, 2]  # issued during steps 6 and 7
+    assert later[5][2] and not later[6][2]  # one pivot still to act on after step 5
+    assert later[8][1] == now[4][1]  # everything landed by step 8: the same rows
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
