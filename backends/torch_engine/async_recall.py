@@ -150,8 +150,10 @@ class AsyncRecalls:
             with exe.runtime.reading_rows(runtime_keys, align=(kv.kv.data_ptr(),)) as view:
                 host_src = (upload(view.starts, kv.device).unsqueeze(1) + plan["host_rows"] * view.row_words)
                 recall_rows(kv.kv, view, plan["dst"], plan["pool_src"], host_src)
+        # made on the side stream and read on the recall stream, which may still be copying an
+        # earlier batch: kept until this one lands, so the side stream cannot reuse them first
         batch = Batch(facts=facts, event=view.transfer.event, heads=len(keys), fresh=plan["fresh"],
-                      keep=(plan["dst"], plan["pool_src"]))  # fmt: skip
+                      keep=(plan["dst"], plan["pool_src"], plan["host_rows"]))  # fmt: skip
         for i, (key, head_pages) in enumerate(zip(keys, pages)):
             self.inflight[key] = Landing(pages=head_pages, batch=batch, index=i)
         self.rec.recalls += len(actions)
