@@ -1,21 +1,23 @@
-"""Async recalls (``landing='async'``): many Recall actions as one batch, no host sync.
+"""Async recalls (``landing='async'``): Recall actions as batches the host never waits for.
 
-``issue`` takes Recall actions of any layers. On the host it only allocates fresh pages
-(sized by each selection's width, a host-known bound) and books them; on a side stream one
-pass of device ops plans every head at once (where each wanted position sits in the host
-store, which ones the head already holds and where, the fresh rows), and one gather kernel
-on the runtime's recall stream fills the fresh pages: held rows move on the device, the
-others cross PCIe (``TransferRuntime.reading_rows``). Each head's entry count, host and
-moved rows and the batch's validity flag go to pinned memory behind the copies.
+``issue`` takes Recall actions of any layers. On the host it only books fresh pages (sized
+by each selection's host lengths, else its width) and replaces recalls of the same heads
+still in flight; on a side stream ``recall_plan.plan_batch`` plans every head at once and
+one gather kernel on the runtime's recall stream fills the fresh pages (held rows move on
+the device, the others cross PCIe: ``TransferRuntime.reading_rows``). Each head's entry
+count, host and moved rows and the batch's validity flag go to pinned memory behind the
+copies.
 
 ``land`` switches heads whose batch is done to their fresh pages: the tokens decoded in the
-meantime are copied behind the recalled entries (one gather for all heads), surplus pages
-are freed, and the tables go up. The host reads the pinned facts only once the batch's
-event has completed, so a landing found by ``ready`` waits for nothing.
+meantime are copied behind the recalled entries (one gather for all heads), the device
+tables are written from the fresh pages already there, and surplus and old pages are freed
+in one scan. The host reads the pinned facts only once the batch's event has completed, so
+a landing found by ``ready`` waits for nothing; a replaced recall's pages return to the
+pool once its copy is done (``reap``).
 
-Ordering: the side stream starts after ``fence`` (an event the engine records on the
-compute stream before a step's replay, and every landing records after it frees pages),
-so fresh pages are never pages that queued compute still reads.
+Ordering: the side stream starts after ``fence``, an event on the compute stream that every
+landing, and every other action on the cache, records after it frees pages, so fresh pages
+are never pages that queued compute still reads.
 """
 
 from __future__ import annotations
@@ -25,23 +27,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import attrs
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hcpolicy._device import upload
 from hcpolicy.actions import ActionError, Recall
-from hcpolicy.kernels._triton import have_triton
+
+from .recall_plan import Key, OffloadedStack, plan_batch, recall_rows, sizes
 
 if TYPE_CHECKING:
-    from hcpolicy.runtime.hostrows import HostRows
-
     from .recall import Recaller
-
-Key = tuple[int, int, int]  # (layer, sequence, KV head)
-_BIG = torch.iinfo(torch.int64).max
-_ROW_SHIFT = 40  # positions stay below 2**40
-GATHER_CTAS = 16  # programs of the recall gather: enough for PCIe, few SMs taken from decode
 
 
 @attrs.define(eq=False)
@@ -85,7 +80,7 @@ class AsyncRecalls:
         self.inflight: dict[Key, Landing] = {}  # oldest first
         self.fence_event: torch.cuda.Event | None = None
         self._side: torch.cuda.Stream | None = None
-        self._stack: tuple | None = None  # (host_positions, key -> row, their tensors, [heads, N])
+        self._stack = OffloadedStack()
         self._retired: list[Landing] = []  # replaced while in flight: freed when their copy is done
 
     # -- streams -------------------------------------------------------------------------------
@@ -133,7 +128,7 @@ class AsyncRecalls:
             self._retired.append(self.inflight.pop(key))
         lengths = kv.host_lengths.numpy()
         tails = [int(lengths[k]) - exe.resident[k] for k in keys]
-        room = [n + t + exe.reserve for n, t in zip(_sizes(actions, kv.batch_size), tails)]
+        room = [n + t + exe.reserve for n, t in zip(sizes(actions, kv.batch_size), tails)]
         counts = [kv.pages_for(r) for r in room]
         pages = self._fresh_pages(sum(counts)).split(counts)
         side = self.side()
@@ -143,7 +138,8 @@ class AsyncRecalls:
             else:
                 side.wait_event(self.fence_event)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            plan = self._plan(actions, keys, pages, room)
+            stack = self._stack.update(exe.host_positions)
+            plan = plan_batch(kv, exe.resident, stack, actions, keys, pages, room)
             facts = torch.empty(plan["facts"].shape, dtype=torch.int64, pin_memory=side is not None)
             facts.copy_(plan["facts"], non_blocking=True)
             runtime_keys = [(exe.cache_id, *k) for k in keys]
@@ -157,77 +153,6 @@ class AsyncRecalls:
         for i, (key, head_pages) in enumerate(zip(keys, pages)):
             self.inflight[key] = Landing(pages=head_pages, batch=batch, index=i)
         self.rec.recalls += len(actions)
-
-    def _plan(self, actions: list[Recall], keys: list[Key], pages: Sequence[torch.Tensor],
-              room: list[int]) -> dict[str, torch.Tensor]:  # fmt: skip
-        """Device ops for M heads wanting up to K positions each: fresh rows ``dst`` [M, K]
-        (-1: no entry), the pool row of each wanted position the head holds (``pool_src``,
-        else -1) or its host row (``host_rows``), the fresh pages ``fresh`` [M, P] and
-        ``facts`` [3M + 1]."""
-        kv, exe, dev = self.kv, self.exe, self.kv.device
-        width = max(a.selection.indices.shape[-1] for a in actions)
-        want = torch.cat([F.pad(a.selection.indices.to(dev).flatten(0, 1), (0, width - a.selection.indices.shape[-1]))
-                          if a.selection.indices.shape[-1] < width else a.selection.indices.to(dev).flatten(0, 1)
-                          for a in actions])  # [M, K]  # fmt: skip
-        n = torch.cat([a.selection.lengths.to(dev).flatten() for a in actions])  # [M]
-        k = torch.arange(width, device=dev)
-        valid = k < n.unsqueeze(1)  # [M, K] (Selection.valid, all heads at once)
-        # per head, in one upload: layer, sequence, head, resident entries, room for entries,
-        # row of its offloaded positions in the stack; then its fresh pages, padded
-        m, p = len(keys), max(x.numel() for x in pages)
-        stack = self._offloaded_stack()
-        meta = np.zeros(6 * m + m * p, dtype=np.int64)
-        meta[: 6 * m].reshape(6, m)[:] = [[key[0] for key in keys], [key[1] for key in keys], [key[2] for key in keys],
-                                          [exe.resident[key] for key in keys], room,
-                                          [stack[1][key] for key in keys]]  # fmt: skip
-        fresh_host = meta[6 * m :].reshape(m, p)
-        for i, x in enumerate(pages):
-            fresh_host[i, : x.numel()] = x.numpy()
-        meta = upload(torch.from_numpy(meta), dev)
-        facts, fresh = meta[: 6 * m].view(6, m), meta[6 * m :].view(m, p)
-        held, cap = facts[3].unsqueeze(1), facts[4].unsqueeze(1)  # [M, 1]
-        valid = valid & (k < cap)  # never past the pages booked on the host (a bad action is flagged)
-        # where each wanted position sits in its head's host block: one search in the keyed
-        # stack (row << 40 | position, ascending throughout), no copy of the heads' rows
-        keyed, width_n = stack[3], stack[4]
-        query = (facts[5].unsqueeze(1) << _ROW_SHIFT) + want.clamp(min=0)  # [M, K]
-        found = torch.searchsorted(keyed, query).clamp(max=keyed.numel() - 1)
-        missing = (keyed[found] != query) & valid
-        host_rows = (found - facts[5].unsqueeze(1) * width_n).clamp(min=0, max=width_n - 1)
-        # which ones the head holds now (its first ``resident`` entries), and their pool rows
-        r_max = max(max(exe.resident[k] for k in keys), 1)
-        entries = torch.arange(r_max, device=dev)
-        table = kv._table[facts[0], facts[1], facts[2]]  # [M, max pages]
-        e = torch.minimum(entries, (held - 1).clamp(min=0))  # [M, R]
-        rows = table.gather(1, e // kv.page_size) * kv.page_size + e % kv.page_size
-        now = kv.positions[rows].masked_fill(entries >= held, _BIG)  # [M, R] ascending
-        at = torch.searchsorted(now, want).clamp(max=r_max - 1)
-        hit = (now.gather(1, at) == want) & valid
-        pool_src = torch.where(hit, rows.gather(1, at), -1)
-        # the fresh rows, and the recalled positions written there now (nothing reads them yet)
-        dst = fresh.gather(1, (k // kv.page_size).expand(m, -1)) * kv.page_size + k % kv.page_size
-        dst = torch.where(valid, dst, -1)
-        kv.positions.index_copy_(0, torch.where(valid, dst, kv.trash_row).flatten(), want.flatten())
-        bad = missing.any() | _not_ascending(want, valid) | (n > cap[:, 0]).any()
-        facts = torch.cat([n, (valid & ~hit).sum(1), hit.sum(1), bad.view(1)]).to(torch.int64)
-        return {"dst": dst, "pool_src": pool_src, "host_rows": host_rows, "fresh": fresh, "facts": facts}
-
-    def _offloaded_stack(self) -> tuple:
-        """(host_positions, key -> row, their tensors, keyed [heads * N], N): every offloaded
-        head's positions as one ascending 1-D tensor, row << 40 | position (padding: the
-        row's largest key), made again only after an offload changed them."""
-        held = self.exe.host_positions
-        stack = self._stack
-        if stack is None or stack[0] is not held or len(stack[1]) != len(held) or any(
-            stack[2][i] is not held[key] for key, i in stack[1].items()
-        ):  # fmt: skip
-            pad = (1 << _ROW_SHIFT) - 1
-            stacked = torch.nn.utils.rnn.pad_sequence(list(held.values()), batch_first=True, padding_value=pad)
-            rows = torch.arange(stacked.shape[0], device=stacked.device).unsqueeze(1) << _ROW_SHIFT
-            stack = (held, {key: i for i, key in enumerate(held)}, list(held.values()), (stacked + rows).flatten(),
-                     stacked.shape[1])  # fmt: skip
-            self._stack = stack
-        return stack
 
     def _fresh_pages(self, need: int) -> torch.Tensor:
         """``need`` pages, landing the oldest in-flight recalls while the bound or the pool's
@@ -337,25 +262,6 @@ class AsyncRecalls:
         self.fence_event = None
 
 
-def recall_rows(pool: torch.Tensor, view: "HostRows", dst: torch.Tensor, pool_src: torch.Tensor,
-                host_src: torch.Tensor) -> None:  # fmt: skip
-    """pool rows dst <- pool rows pool_src (>= 0) or the host words at host_src; dst < 0
-    skips an entry. pool: [R, 2, D]; dst, pool_src, host_src: [M, K] int64 (device)."""
-    words = pool.view(-1).view(torch.uint8).view(view.word)  # [R * row_words]
-    dst, pool_src, host_src = dst.flatten(), pool_src.flatten(), host_src.flatten()
-    if pool.is_cuda and have_triton():
-        from ._recall_triton import recall_rows_triton
-
-        recall_rows_triton(words, view.flat, dst, pool_src, host_src, view.row_words, GATHER_CTAS)
-        return
-    rows = words.view(-1, view.row_words)  # boolean indexing below syncs: CPU, or CUDA without triton
-    take = dst >= 0
-    held, far = take & (pool_src >= 0), take & (pool_src < 0)
-    rows[dst[held]] = rows[pool_src[held]]
-    cols = torch.arange(view.row_words, device=view.flat.device)
-    rows[dst[far]] = view.flat[host_src[far].to(view.flat.device).unsqueeze(1) + cols].to(rows.device)
-
-
 def _fresh_rows(landings: list[Landing], m: int) -> torch.Tensor:
     """[M, P] the landing heads' fresh pages (device): their batch's rows as they are when
     they are a whole batch in order (the common case), else gathered and padded."""
@@ -365,24 +271,3 @@ def _fresh_rows(landings: list[Landing], m: int) -> torch.Tensor:
     width = max(x.batch.fresh.shape[1] for x in landings)
     return torch.cat([F.pad(x.batch.fresh[x.index : x.index + 1], (0, width - x.batch.fresh.shape[1]))
                       for x in landings])  # fmt: skip
-
-
-def _sizes(actions: Sequence[Recall], batch: int) -> list[int]:
-    """Entries each head of the actions may recall, known on the host: the selection's
-    host lengths when it carries them, else its width."""
-    sizes = []
-    for a in actions:
-        host = a.selection.host_lengths
-        if host is not None:
-            sizes += host.flatten().tolist()
-        else:
-            sizes += [a.selection.indices.shape[-1]] * (batch * len(a.heads))
-    return sizes
-
-
-def _not_ascending(want: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[] bool: some head's valid positions are not strictly ascending. want/valid [..., K]."""
-    if want.shape[-1] < 2:
-        return torch.zeros((), dtype=torch.bool, device=want.device)
-    step_ok = (want[..., 1:] > want[..., :-1]) | ~valid[..., 1:]
-    return ~step_ok.all()

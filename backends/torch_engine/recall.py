@@ -35,7 +35,8 @@ import torch
 
 from hcpolicy.actions import ActionError, Recall
 
-from .async_recall import AsyncRecalls, _not_ascending
+from .async_recall import AsyncRecalls
+from .recall_plan import _not_ascending
 
 if TYPE_CHECKING:
     from .executor import PagedExecutor

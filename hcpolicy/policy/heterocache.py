@@ -59,7 +59,6 @@ class HeteroCachePolicy(Policy):
     _allocator: InverseStabilityAllocator = attrs.field(init=False, repr=False)
     _spec: ModelSpec | None = attrs.field(default=None, init=False, repr=False)
     _satellite_sets: dict = attrs.field(factory=dict, init=False, repr=False)
-    _budgets: dict = attrs.field(factory=dict, init=False, repr=False)
     _monitor_k: int = attrs.field(default=1, init=False, repr=False)
     _pending: dict = attrs.field(factory=dict, init=False, repr=False)
     _widths: dict = attrs.field(factory=dict, init=False, repr=False)
@@ -95,7 +94,6 @@ class HeteroCachePolicy(Policy):
         self.profile.check(spec)
         self._spec = spec
         self._satellite_sets.clear()
-        self._budgets.clear()
         self._pending.clear()
         self._widths.clear()
         self._budgets_host.clear()
@@ -143,7 +141,6 @@ class HeteroCachePolicy(Policy):
             sat_idx = [compressed.index(s) for s in sats]
             sat_index = upload(sat_idx, scores.device)
             self._satellite_sets[(layer, pivot)] = _subset(selection, sat_idx, sat_index)
-            self._budgets[(layer, pivot)] = kept_device[:, sat_index]  # budgets[:, sats]
             self._budgets_host[(layer, pivot)] = budgets[:, list(sats)]
             # host copy of the widest satellite budget: sizes recalls without a sync
             self._widths[(layer, pivot)] = int(budgets[:, list(sats)].max())

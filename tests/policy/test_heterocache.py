@@ -98,7 +98,7 @@ def test_recall_follows_the_pivot(faithful):
     assert isinstance(recall, Recall) and recall.heads == sats
     cache.apply(actions)
     scores = naive_scores(q[0, :, 0], keys[layer][0])[pivot]
-    budgets = [pol._budgets[(layer, pivot)][0, i].item() for i in range(2)]
+    budgets = [int(pol._budgets_host[(layer, pivot)][0, i]) for i in range(2)]
     for i, s in enumerate(sats):
         if faithful:  # first l_i of the position-sorted top-max(l)
             expected = sorted(torch.topk(scores, max(budgets)).indices.tolist())[: budgets[i]]
@@ -213,5 +213,5 @@ def test_prefill_selection_carries_its_host_lengths(starts, host_starts):
         assert sel.indices.shape[2] == int(sel.lengths.max())  # padded to the widest, as before
     for (layer, pivot), sats in pol._satellite_sets.items():
         assert torch.equal(sats.host_lengths, sats.lengths)
-        assert torch.equal(pol._budgets[(layer, pivot)], sats.lengths)
+        assert torch.equal(pol._budgets_host[(layer, pivot)], sats.lengths)
         assert pol._widths[(layer, pivot)] == int(sats.lengths.max())
