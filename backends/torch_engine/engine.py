@@ -17,7 +17,10 @@ the step (after the new token is stored, before attention), exactly as the HF ba
 it ('inline'). With CUDA graphs the step is one captured graph: the queries are recorded
 inside it and the policy reads them after the step ('deferred'); its actions (a recall)
 take effect from the next step (``recall``: the replay waits for the copies on the device,
-or the recall lands asynchronously). A policy that acts every N steps
+or the recall lands asynchronously). With a ``DeviceMonitor`` and async recalls the host
+never waits on a decision: it reads the decision while the next step runs, acts on a
+share of the fired monitors per step until the next decision, and issues each share's
+recalls in the step after (``_act``). A policy that acts every N steps
 (``Requirements.decode_period``) is called once per N steps with N queries. Policies that
 need Attend views (Quest) must see the step before attending: they need 'inline'.
 """
