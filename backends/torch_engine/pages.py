@@ -31,6 +31,7 @@ class PageAllocator:
         self.num_pages = num_pages
         self._free = np.ones(num_pages, dtype=bool)
         self._free_count = num_pages
+        self._cursor = 0  # where the next non-contiguous allocation starts looking
         self._quarantine: list[tuple[torch.cuda.Event, np.ndarray]] = []  # (event, pages), oldest first
 
     @property
@@ -42,8 +43,9 @@ class PageAllocator:
         return self.num_pages - self._free_count
 
     def allocate(self, n: int, contiguous: bool = True) -> torch.Tensor:
-        """``n`` page ids (int64 CPU tensor, ascending); with ``contiguous``, one run when a
-        run of n is free (callers that index pages through tables skip that search)."""
+        """``n`` page ids (int64 CPU tensor); with ``contiguous`` (the default) ascending and
+        one run when a run of n is free, else any free pages (callers that index pages
+        through tables: no search over the whole map)."""
         if n < 0:
             raise ValueError(f"cannot allocate {n} pages")
         if n == 0:
@@ -54,11 +56,29 @@ class PageAllocator:
         start = self._first_run(n) if contiguous else None
         if start is not None:
             pages = np.arange(start, start + n, dtype=np.int64)
-        else:
+        elif contiguous:
             pages = np.flatnonzero(self._free)[:n].astype(np.int64)
+        else:
+            pages = self._scan(n)
         self._free[pages] = False
         self._free_count -= n
         return torch.from_numpy(pages)
+
+    def _scan(self, n: int) -> np.ndarray:
+        """``n`` free pages (the caller checked there are) found from a cursor that moves on
+        with each such allocation, a chunk at a time, wrapping once: about n / (free
+        share) entries of the map are read, not the whole map."""
+        found, got, chunk = [], 0, max(2 * n, 1 << 16)
+        for lo, hi in ((self._cursor, self.num_pages), (0, self._cursor)):
+            for at in range(lo, hi, chunk):
+                ids = np.flatnonzero(self._free[at : min(at + chunk, hi)])[: n - got] + at
+                found.append(ids)
+                got += ids.size
+                if got == n:
+                    pages = np.concatenate(found).astype(np.int64)
+                    self._cursor = (int(pages[-1]) + 1) % self.num_pages
+                    return pages
+        raise AssertionError("unreachable: the free count said there were enough pages")
 
     def free(self, pages: torch.Tensor, after: torch.cuda.Event | None = None) -> None:
         """Return ``pages`` (int64 CPU ids) to the pool; freeing a free page is an error.

@@ -67,3 +67,24 @@ def test_completed_event_frees_at_once_and_double_free_is_caught():
     assert alloc.free_pages == 4
     with pytest.raises(ValueError, match="double free"):
         alloc.free(pages)
+
+
+def test_non_contiguous_allocation_scans_from_a_cursor_and_wraps():
+    """``contiguous=False`` hands out distinct free pages from where the last such call
+    stopped, wraps around the pool once, and keeps the free count and double-free checks."""
+    alloc = PageAllocator(100)
+    held = alloc.allocate(60)  # pages 0-59
+    alloc.free(held[::3])  # 20 holes below 60
+    a = alloc.allocate(30, contiguous=False)  # from the cursor (0): the 20 holes, then 60-69
+    assert a.tolist() == held[::3].tolist() + list(range(60, 70))
+    b = alloc.allocate(25, contiguous=False)  # 70-99 has 30 free: 70-94
+    assert b.tolist() == list(range(70, 95))
+    alloc.free(a[:10])
+    c = alloc.allocate(12, contiguous=False)  # 95-99, then wraps: the 10 freed, none taken twice
+    assert c.tolist() == list(range(95, 100)) + sorted(a[:10].tolist())[:7]
+    assert len(set(c.tolist()) | set(b.tolist()) | set(a[10:].tolist())) == 12 + 25 + 20
+    assert alloc.free_pages == 100 - 60 + 20 - 30 - 25 + 10 - 12
+    with pytest.raises(OutOfPages):
+        alloc.allocate(alloc.free_pages + 1, contiguous=False)
+    with pytest.raises(ValueError, match="double free"):
+        alloc.free(c[:1].repeat(2))
