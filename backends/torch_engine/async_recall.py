@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from hcpolicy._device import upload
 from hcpolicy.actions import ActionError, Recall
 
-from .recall_plan import Key, OffloadedStack, plan_batch, recall_rows, sizes
+from .recall_plan import Key, OffloadedIndex, plan_batch, recall_rows, sizes
 
 if TYPE_CHECKING:
     from .recall import Recaller
@@ -80,7 +80,7 @@ class AsyncRecalls:
         self.inflight: dict[Key, Landing] = {}  # oldest first
         self.fence_event: torch.cuda.Event | None = None
         self._side: torch.cuda.Stream | None = None
-        self._stack = OffloadedStack()
+        self._index = OffloadedIndex(self.kv.max_pages * self.kv.page_size)  # logical positions stay below
         self._retired: list[Landing] = []  # replaced while in flight: freed when their copy is done
 
     # -- streams -------------------------------------------------------------------------------
@@ -138,8 +138,8 @@ class AsyncRecalls:
             else:
                 side.wait_event(self.fence_event)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            stack = self._stack.update(exe.host_positions)
-            plan = plan_batch(kv, exe.resident, stack, actions, keys, pages, room)
+            index = self._index.update(exe.host_positions)
+            plan = plan_batch(kv, exe.resident, index, actions, keys, pages, room)
             facts = torch.empty(plan["facts"].shape, dtype=torch.int64, pin_memory=side is not None)
             facts.copy_(plan["facts"], non_blocking=True)
             runtime_keys = [(exe.cache_id, *k) for k in keys]

@@ -26,37 +26,37 @@ if TYPE_CHECKING:
     from .kv import PagedKV
 
 Key = tuple[int, int, int]  # (layer, sequence, KV head)
-_BIG = torch.iinfo(torch.int64).max
-_ROW_SHIFT = 40  # positions stay below 2**40
 GATHER_CTAS = 16  # programs of the recall gather: enough for PCIe, few SMs taken from decode
 
 
-class OffloadedStack:
-    """Every offloaded head's positions as one ascending 1-D tensor, ``keyed`` = row << 40 |
-    position (padding: the row's largest key), rows of ``width``; one search in it finds
-    any head's host row of a position. Made again only after an offload changed them."""
+class OffloadedIndex:
+    """For every offloaded head, its host row of each logical position: ``row_of`` [heads,
+    span + 1] int32, -1 where the head offloaded no such position (the last column takes
+    padding). A lookup is one gather, not a binary search per wanted position. Made again
+    only after an offload changed the executor's positions."""
 
-    def __init__(self) -> None:
+    def __init__(self, span: int) -> None:
+        self.span = span  # logical positions are below it
         self._of: dict | None = None  # the executor's host_positions it was made from
         self._tensors: list[torch.Tensor] = []
         self.row: dict[Key, int] = {}
-        self.keyed = torch.empty(0, dtype=torch.int64)
-        self.width = 0
+        self.row_of = torch.empty(0, 0, dtype=torch.int32)
 
-    def update(self, held: dict[Key, torch.Tensor]) -> "OffloadedStack":
-        fresh = self._of is held and len(self.row) == len(held)
-        if fresh and all(self._tensors[i] is held[key] for key, i in self.row.items()):
+    def update(self, held: dict[Key, torch.Tensor]) -> "OffloadedIndex":
+        if self._of is held and len(self.row) == len(held) and all(
+            self._tensors[i] is held[key] for key, i in self.row.items()
+        ):  # fmt: skip
             return self
-        pad = (1 << _ROW_SHIFT) - 1
-        stacked = torch.nn.utils.rnn.pad_sequence(list(held.values()), batch_first=True, padding_value=pad)
-        rows = torch.arange(stacked.shape[0], device=stacked.device).unsqueeze(1) << _ROW_SHIFT
+        stacked = torch.nn.utils.rnn.pad_sequence(list(held.values()), batch_first=True, padding_value=self.span)
+        rows = torch.arange(stacked.shape[1], dtype=torch.int32, device=stacked.device).expand(stacked.shape)
+        self.row_of = torch.full((stacked.shape[0], self.span + 1), -1, dtype=torch.int32, device=stacked.device)
+        self.row_of.scatter_(1, stacked.clamp(max=self.span), rows)
         self._of, self._tensors = held, list(held.values())
         self.row = {key: i for i, key in enumerate(held)}
-        self.keyed, self.width = (stacked + rows).flatten(), stacked.shape[1]
         return self
 
 
-def plan_batch(kv: "PagedKV", resident: dict[Key, int], stack: OffloadedStack, actions: list[Recall],
+def plan_batch(kv: "PagedKV", resident: dict[Key, int], index: OffloadedIndex, actions: list[Recall],
                keys: list[Key], pages: Sequence[torch.Tensor], room: list[int]) -> dict[str, torch.Tensor]:  # fmt: skip
     """Device ops for M heads wanting up to K positions each: fresh rows ``dst`` [M, K]
     (-1: no entry), the pool row of each wanted position the head holds (``pool_src``,
@@ -71,12 +71,12 @@ def plan_batch(kv: "PagedKV", resident: dict[Key, int], stack: OffloadedStack, a
     k = torch.arange(width, device=dev)
     valid = k < n.unsqueeze(1)  # [M, K] (Selection.valid, all heads at once)
     # per head, in one upload: layer, sequence, head, resident entries, room for entries,
-    # row of its offloaded positions in the stack; then its fresh pages, padded
+    # its row in the offloaded index; then its fresh pages, padded
     m, p = len(keys), max(x.numel() for x in pages)
     meta = np.zeros(6 * m + m * p, dtype=np.int64)
     meta[: 6 * m].reshape(6, m)[:] = [[key[0] for key in keys], [key[1] for key in keys], [key[2] for key in keys],
                                       [resident[key] for key in keys], room,
-                                      [stack.row[key] for key in keys]]  # fmt: skip
+                                      [index.row[key] for key in keys]]  # fmt: skip
     fresh_host = meta[6 * m :].reshape(m, p)
     for i, x in enumerate(pages):
         fresh_host[i, : x.numel()] = x.numpy()
@@ -84,23 +84,25 @@ def plan_batch(kv: "PagedKV", resident: dict[Key, int], stack: OffloadedStack, a
     facts, fresh = meta[: 6 * m].view(6, m), meta[6 * m :].view(m, p)
     held, cap = facts[3].unsqueeze(1), facts[4].unsqueeze(1)  # [M, 1]
     valid = valid & (k < cap)  # never past the pages booked on the host (a bad action is flagged)
-    # where each wanted position sits in its head's host block: one search in the keyed
-    # stack (row << 40 | position, ascending throughout), no copy of the heads' rows
-    keyed, width_n = stack.keyed, stack.width
-    query = (facts[5].unsqueeze(1) << _ROW_SHIFT) + want.clamp(min=0)  # [M, K]
-    found = torch.searchsorted(keyed, query).clamp(max=keyed.numel() - 1)
-    missing = (keyed[found] != query) & valid
-    host_rows = (found - facts[5].unsqueeze(1) * width_n).clamp(min=0, max=width_n - 1)
-    # which ones the head holds now (its first ``resident`` entries), and their pool rows
+    # where each wanted position sits in its head's host block (one gather)
+    span = index.span
+    at_pos = want.clamp(min=0, max=span)  # [M, K]; a position past every head reads as missing
+    host_rows = index.row_of[facts[5].unsqueeze(1), at_pos]  # [M, K] int32, -1: never offloaded
+    missing = ((host_rows < 0) | (want >= span)) & valid
+    host_rows = host_rows.clamp(min=0).long()
+    # which ones the head holds now (its first ``resident`` entries), and their pool rows:
+    # entry of each position by one scatter and one gather
     r_max = max(max(resident[k] for k in keys), 1)
     entries = torch.arange(r_max, device=dev)
     table = kv._table[facts[0], facts[1], facts[2]]  # [M, max pages]
     e = torch.minimum(entries, (held - 1).clamp(min=0))  # [M, R]
     rows = table.gather(1, e // kv.page_size) * kv.page_size + e % kv.page_size
-    now = kv.positions[rows].masked_fill(entries >= held, _BIG)  # [M, R] ascending
-    at = torch.searchsorted(now, want).clamp(max=r_max - 1)
-    hit = (now.gather(1, at) == want) & valid
-    pool_src = torch.where(hit, rows.gather(1, at), -1)
+    now = torch.where(entries < held, kv.positions[rows].clamp(max=span), span)  # [M, R]; span: padding
+    entry_of = torch.full((m, span + 1), -1, dtype=torch.int32, device=dev)
+    entry_of.scatter_(1, now, entries.to(torch.int32).expand(m, -1))
+    at = entry_of.gather(1, at_pos).long()  # [M, K] entry holding each wanted position, -1: none
+    hit = (at >= 0) & (want < span) & valid
+    pool_src = torch.where(hit, rows.gather(1, at.clamp(min=0)), -1)
     # the fresh rows, and the recalled positions written there now (nothing reads them yet)
     dst = fresh.gather(1, (k // kv.page_size).expand(m, -1)) * kv.page_size + k % kv.page_size
     dst = torch.where(valid, dst, -1)
