@@ -219,17 +219,17 @@ class AsyncRecalls:
         for key, (n, host_rows, moved), tail in zip(keys, sizes, tails):
             lengths[key] = n + tail
             exe.resident[key] = n
-        rows = sum(s[1] for s in sizes)
-        self.rec.recalled_rows += rows
+        from_host = sum(s[1] for s in sizes)
+        self.rec.recalled_rows += from_host
         self.rec.moved_rows += sum(s[2] for s in sizes)
         self.rec.landed += len(keys)
-        exe.runtime.count_h2d(rows * kv.kv[0].numel() * kv.kv.element_size())
+        exe.runtime.count_h2d(from_host * kv.kv[0].numel() * kv.kv.element_size())
         kv.allocator.free(torch.cat(freed))  # one scan; the tail copy read the old pages before
         # the device tables from the fresh pages already there (the host mirror above agrees)
         cols = torch.arange(kv.max_pages, device=kv.device)
-        rows = F.pad(fresh, (0, kv.max_pages - fresh.shape[1])).masked_fill(cols >= meta[6].unsqueeze(1), 0)
+        table_rows = F.pad(fresh, (0, kv.max_pages - fresh.shape[1])).masked_fill(cols >= meta[6].unsqueeze(1), 0)
         index = (meta[0], meta[1], meta[2])
-        kv._table.index_put_(index, rows)
+        kv._table.index_put_(index, table_rows)
         kv._lengths.index_put_(index, meta[4] + meta[5])
         self.fence()  # the freed pages are free once the compute stream is past this point
 
