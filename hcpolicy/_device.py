@@ -15,3 +15,12 @@ def upload(values: Sequence[int] | torch.Tensor, device: torch.device) -> torch.
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def copy_from_host(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for a CPU ``src``, the same way as ``upload``: on CUDA from a
+    pinned snapshot, non-blocking (``src`` itself may change at once)."""
+    if dst.device.type != "cuda":
+        dst.copy_(src)
+        return
+    dst.copy_(src.pin_memory(), non_blocking=True)

@@ -101,16 +101,16 @@ class AsyncRecalls:
     def issue(self, actions: Sequence[Recall]) -> None:
         """Recall actions as batches: a head named twice starts a new batch."""
         group: list[Recall] = []
-        seen: set[Key] = set()
+        keys: list[Key] = []  # the group's heads, in order
         for action in actions:
-            keys = set(self._keys(action))
-            if keys & seen:
-                self._issue(group)
-                group, seen = [], set()
+            mine = self._keys(action)
+            if not set(keys).isdisjoint(mine):
+                self._issue(group, keys)
+                group, keys = [], []
             group.append(action)
-            seen |= keys
+            keys += mine
         if group:
-            self._issue(group)
+            self._issue(group, keys)
 
     def _keys(self, action: Recall) -> list[Key]:
         keys = [(action.layer, b, h) for b in range(self.kv.batch_size) for h in action.heads]
@@ -119,9 +119,9 @@ class AsyncRecalls:
                 raise ActionError(f"layer {key[0]} head {key[2]}: Recall without an earlier Offload")
         return keys
 
-    def _issue(self, actions: list[Recall]) -> None:
+    def _issue(self, actions: list[Recall], keys: list[Key]) -> None:
+        """One batch: ``keys`` are the actions' heads (layer, sequence, head), in order."""
         kv, exe = self.kv, self.exe
-        keys = [k for a in actions for k in self._keys(a)]
         for key in [k for k in keys if k in self.inflight]:
             # a newer recall of a head still in flight replaces it: the old copy runs out and
             # its pages go back to the pool then (``reap``); nothing waits for it

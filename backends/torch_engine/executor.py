@@ -19,7 +19,8 @@ from hcpolicy.actions import Action, ActionError, ActionExecutor, Attend, Offloa
 from hcpolicy.runtime import TransferRuntime
 
 from .kv import PagedKV
-from .recall import Recaller, _not_ascending
+from .recall import Recaller
+from .recall_plan import _not_ascending
 
 _BIG = torch.iinfo(torch.int64).max
 _SELECT_BAD = "layer {layer}: Select names positions that are not on the device (or not ascending)"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hcpolicy._device import upload
+from hcpolicy._device import copy_from_host, upload
 from hcpolicy.actions import head_index
 from hcpolicy.observe import LayerCache
 
@@ -101,12 +101,7 @@ class PagedKV:
 
     def set_pages(self, layer: int, b: int, h: int, pages: torch.Tensor) -> None:
         """Give head (layer, b, h) exactly ``pages`` (its old pages must have been freed)."""
-        n = pages.numel()
-        if n > self.max_pages:
-            raise ValueError(f"a head needs {n} pages but max_pages_per_head is {self.max_pages}")
-        self.host_table[layer, b, h, :n] = pages
-        self.host_table[layer, b, h, n:] = 0
-        self.host_pages[layer, b, h] = n
+        self.set_pages_many([(layer, b, h)], [pages])
 
     def set_pages_many(self, keys: list[tuple[int, int, int]], pages: list[torch.Tensor]) -> torch.Tensor:
         """``set_pages`` for many heads (layer, b, h) at once (numpy: a few microseconds a
@@ -140,10 +135,10 @@ class PagedKV:
 
     def push_tables(self, layer: int | None = None) -> None:
         """Copy the host page tables and lengths (of one layer, or all) to the device, in
-        stream order and without a host sync (``_push``)."""
+        stream order and without a host sync (``copy_from_host``)."""
         where = slice(None) if layer is None else layer
-        _push(self.page_table[where], self.host_table[where])
-        _push(self.lengths[where], self.host_lengths[where])
+        copy_from_host(self.page_table[where], self.host_table[where])
+        copy_from_host(self.lengths[where], self.host_lengths[where])
 
     def release(self) -> None:
         """Free every page (the pool itself stays allocated)."""
@@ -300,16 +295,3 @@ class PagedKV:
     def advance(self, layer: int | None = None) -> None:
         """Host mirror of one append to every head (of one layer, or all)."""
         self.host_lengths[slice(None) if layer is None else layer] += 1
-
-
-def _push(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst.copy_(src)`` for a device ``dst`` and a CPU ``src``. On CUDA the copy is made
-    from a pinned snapshot of ``src``, non-blocking: a copy from pageable memory would make
-    the host wait for the stream, and torch's caching host allocator keeps the pinned block
-    until the copy has run (``src`` itself may change at once)."""
-    if dst.device.type != "cuda":
-        dst.copy_(src)
-        return
-    staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
-    staged.copy_(src)
-    dst.copy_(staged, non_blocking=True)

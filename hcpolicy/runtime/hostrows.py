@@ -32,10 +32,3 @@ class HostRows:
     row_words: int
     word: torch.dtype
     transfer: Optional[Transfer] = None
-
-    def row_offsets(self, device: torch.device) -> torch.Tensor:
-        """[R] int64 ``starts`` on ``device`` (pinned, non-blocking on CUDA)."""
-        starts = torch.tensor(self.starts, dtype=torch.int64)
-        if device.type == "cuda":
-            return starts.pin_memory().to(device, non_blocking=True)
-        return starts

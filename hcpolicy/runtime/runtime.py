@@ -241,18 +241,29 @@ class TransferRuntime:
 
     def _issue_async(self, path: RecallPath, reqs: list[RecallRequest], h2d: torch.cuda.Stream) -> Transfer:
         blocks = list({id(r.block): r.block for r in reqs}.values())
-        h2d.wait_stream(torch.cuda.current_stream(self.device))  # rows and out ready
+        done: list[torch.cuda.Event] = []
+        with self._reading(blocks, h2d, done, *(r.out for r in reqs), *(r.rows for r in reqs)):
+            path.issue(reqs)
+        return Transfer(done[0], self._tally)
+
+    @contextlib.contextmanager
+    def _reading(self, blocks: list[HostBlock], h2d: torch.cuda.Stream, done: list[torch.cuda.Event],
+                 *refs: object) -> Iterator[None]:  # fmt: skip
+        """Work enqueued inside runs on ``h2d``, after the caller's stream (its inputs are
+        ready) and after any offload still writing ``blocks``; on exit one event behind it
+        goes into ``done``, keeps ``refs`` and the blocks alive until it completes, and is
+        each block's ``last_read``."""
+        h2d.wait_stream(torch.cuda.current_stream(self.device))
         offload = pending_offload(blocks)
         if offload is not None:
             h2d.wait_event(offload)  # a block is still being offloaded: order after it
         with torch.cuda.stream(h2d):
-            path.issue(reqs)
-            event = self._record(h2d, *(r.out for r in reqs), *(r.rows for r in reqs),
-                                 *(b.data for b in blocks))
+            yield
+            event = self._record(h2d, *refs, *(b.data for b in blocks))
         for block in blocks:
             block.last_read = event
         self._h2d.issued(h2d, event)  # type: ignore[union-attr]
-        return Transfer(event, self._tally)
+        done.append(event)
 
     @contextlib.contextmanager
     def reading_rows(self, keys: Sequence[Hashable], *, align: Sequence[int] = ()) -> Iterator[HostRows]:
@@ -284,19 +295,11 @@ class TransferRuntime:
             yield view
             view.transfer = Transfer(None, self._tally)
             return
-        h2d = self._h2d.get(self._priority())
-        h2d.wait_stream(torch.cuda.current_stream(self.device))
-        offload = pending_offload(unique)
-        if offload is not None:
-            h2d.wait_event(offload)
-        with torch.cuda.stream(h2d):
+        done: list[torch.cuda.Event] = []
+        with self._reading(unique, self._h2d.get(self._priority()), done):
             yield view
-            event = self._record(h2d, *(b.data for b in unique))
-        for block in unique:
-            block.last_read = event
-        self._h2d.issued(h2d, event)
         self._tally.add(recalls=len(blocks), gathers=1)
-        view.transfer = Transfer(event, self._tally)
+        view.transfer = Transfer(done[0], self._tally)
 
     def count_h2d(self, nbytes: int) -> None:
         """Account bytes a ``reading_rows`` caller moved to the device."""

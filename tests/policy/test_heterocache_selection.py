@@ -12,6 +12,13 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
     not torch.cuda.is_available(), reason="needs a CUDA device")])]  # fmt: skip
 
 
+def cases(seed: int, trials: int, device: str):
+    """(scores [P, B, L], positions [B, L], budgets [P, B, S], width), ``trials`` of them."""
+    gen = torch.Generator().manual_seed(seed)
+    for trial in range(trials):
+        yield case(trial, gen, device)
+
+
 def case(trial: int, gen: torch.Generator, device: str):
     p, b, s, length = 1 + trial % 4, 1 + trial % 3, 1 + trial % 6, 1 + (trial * 37) % 4000
     if trial % 3 == 0:  # many ties: they go to the lower index either way
@@ -26,9 +33,7 @@ def case(trial: int, gen: torch.Generator, device: str):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_satellite_sets_equal_a_topk_per_satellite(device):
-    gen = torch.Generator().manual_seed(0)
-    for trial in range(60):
-        scores, positions, budgets, width = case(trial, gen, device)
+    for scores, positions, budgets, width in cases(0, 60, device):
         p, b, s = budgets.shape
         indices, lengths = satellite_sets(scores, positions, budgets, width, faithful=False)
         for i in range(p):
@@ -39,9 +44,7 @@ def test_satellite_sets_equal_a_topk_per_satellite(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_faithful_sets_are_the_first_of_the_widest_candidates(device):
-    gen = torch.Generator().manual_seed(1)
-    for trial in range(30):
-        scores, positions, budgets, width = case(trial, gen, device)
+    for scores, positions, budgets, width in cases(1, 30, device):
         p, b, s = budgets.shape
         indices, lengths = satellite_sets(scores, positions, budgets, width, faithful=True)
         length = scores.shape[-1]
