@@ -97,6 +97,15 @@ class AsyncRecalls:
             self._side = torch.cuda.Stream(self.kv.device)
         return self._side
 
+    def prepare(self) -> None:
+        """After prefill: index the offloaded positions now (on the side stream), not in the
+        first decode step that recalls."""
+        side = self.side()
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(self.kv.device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            self._index.update(self.exe.host_positions)
+
     # -- issue ---------------------------------------------------------------------------------
     def issue(self, actions: Sequence[Recall]) -> None:
         """Recall actions as batches: a head named twice starts a new batch."""
@@ -144,8 +153,7 @@ class AsyncRecalls:
             facts.copy_(plan["facts"], non_blocking=True)
             runtime_keys = [(exe.cache_id, *k) for k in keys]
             with exe.runtime.reading_rows(runtime_keys, align=(kv.kv.data_ptr(),)) as view:
-                host_src = (upload(view.starts, kv.device).unsqueeze(1) + plan["host_rows"] * view.row_words)
-                recall_rows(kv.kv, view, plan["dst"], plan["pool_src"], host_src)
+                recall_rows(kv.kv, view, plan["dst"], plan["pool_src"], plan["host_rows"])
         # made on the side stream and read on the recall stream, which may still be copying an
         # earlier batch: kept until this one lands, so the side stream cannot reuse them first
         batch = Batch(facts=facts, event=view.transfer.event, heads=len(keys), fresh=plan["fresh"],

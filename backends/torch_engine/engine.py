@@ -190,6 +190,7 @@ class Engine:
         at each sequence's first generated token."""
         self.executor.check_deferred()  # the prefill's Select checks: its one wait for the device
         self.kv.push_tables()
+        self.executor.recaller.prepare()
         b = self.batch
         self._logical[:b] = self.prompt_length
         self._rope_pos[:b, 0] = torch.tensor(lengths, device=self.device)

@@ -98,6 +98,11 @@ class Recaller:
         is about to change the layer."""
         self.async_.land([k for k in self.inflight if k[0] == layer], wait=True)
 
+    def prepare(self) -> None:
+        """After prefill (async landing): what the first recall would otherwise build."""
+        if self.landing == "async" and self.exe.host_positions:
+            self.async_.prepare()
+
     def fence(self) -> None:
         """Async recalls issued from now on start after the compute stream's queued work."""
         self.async_.fence()

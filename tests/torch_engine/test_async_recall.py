@@ -142,22 +142,74 @@ def test_device_decisions_act_during_the_next_steps(model):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-def test_recall_kernel_interpreted_equals_torch():
+def test_recall_kernels_interpreted_equal_torch():
     script = r"""
 import json, torch
-from hcpolicy.backends.torch_engine._recall_triton import recall_rows_triton
+from hcpolicy.backends.torch_engine._recall_triton import plan_rows_triton, recall_rows_triton
+from hcpolicy.backends.torch_engine.recall_plan import plan_rows_torch
 gen = torch.Generator().manual_seed(0)
+page, pages, span, m = 4, 40, 60, 3
+
+def case(bad):
+    # three heads: each holds some positions on its own pages and offloaded others to the host
+    positions = torch.full(((pages + 1) * page,), -7, dtype=torch.int64)
+    perm = torch.randperm(pages, generator=gen)
+    table = torch.zeros(m, 8, dtype=torch.int64)
+    fresh = perm[24 : 24 + m * 5].view(m, 5)
+    row_of = torch.full((m + 1, span + 1), -1, dtype=torch.int32)
+    held, want, n = [], torch.zeros(m, 18, dtype=torch.int64), torch.tensor([18, 11, 0])
+    for i in range(m):
+        table[i, :6] = perm[6 * i : 6 * i + 6]
+        offloaded = torch.randperm(span, generator=gen)[:30].sort().values  # the host has every position
+        row_of[i + 1, offloaded] = torch.arange(30, dtype=torch.int32)
+        mine = offloaded[torch.randperm(30, generator=gen)[:22]].sort().values  # some of them on the device too
+        held.append(int(torch.randint(3, 22, (), generator=gen)))
+        for e in range(held[-1]):
+            positions[table[i, e // page] * page + e % page] = mine[e]
+        pick = offloaded[torch.randperm(30, generator=gen)[: int(n[i])]].sort().values
+        want[i, : pick.numel()] = pick
+    if bad == "missing":
+        want[1, 3] = span + 5
+    if bad == "order":
+        want[0, 4] = want[0, 2]
+    cap = torch.tensor([18, 11 if bad != "room" else 9, 4])
+    return want, n, torch.tensor(held), cap, torch.tensor([1, 2, 3]), row_of, table, fresh, positions
+
+out = {}
+for bad in ["none", "missing", "order", "room"]:
+    args = case(bad)
+    ref_pos, tri_pos = args[-1].clone(), args[-1].clone()
+    ref = plan_rows_torch(*args[:-1], ref_pos, page, 22)
+    tri = plan_rows_triton(*args[:-1], tri_pos, page, 22)
+    take = ref["dst"] >= 0
+    out[bad] = {
+        "dst": torch.equal(ref["dst"], tri["dst"]), "pool_src": torch.equal(ref["pool_src"], tri["pool_src"]),
+        "host_rows": torch.equal(ref["host_rows"][take], tri["host_rows"][take]),
+        "positions": torch.equal(ref_pos[:-page], tri_pos[:-page]), "facts": tri["facts"].tolist(),
+        "ref_facts": ref["facts"].tolist(), "held": int((ref["pool_src"] >= 0).sum()),
+    }
+
 row = 16
 pool = torch.randint(-2**31, 2**31 - 1, (40 * row,), generator=gen, dtype=torch.int32)
-host = torch.randint(-2**31, 2**31 - 1, (30 * row,), generator=gen, dtype=torch.int32)
-dst = torch.cat([torch.arange(20, 35), torch.full((10,), -1)])  # rows 20.. written, 10 entries skipped
-pool_src = torch.where(torch.arange(25) % 3 == 0, torch.arange(25) % 20, -1)  # held rows: below 20
-host_src = (torch.randint(0, 30, (25,), generator=gen)) * row
+host = torch.randint(-2**31, 2**31 - 1, (40 * row,), generator=gen, dtype=torch.int32)
+dst = torch.cat([torch.arange(20, 35), torch.full((5,), -1)]).view(4, 5)  # rows 20.. written, 5 entries skipped
+pool_src = torch.where(torch.arange(20) % 3 == 0, torch.arange(20) % 20, -1).view(4, 5)  # held rows: below 20
+host_rows = torch.randint(0, 10, (4, 5), generator=gen)
+starts = torch.tensor([0, 10, 20, 30]) * row  # head i's host rows start at row 10 i
 want = pool.clone().view(-1, row)
-for i in range(25):
-    if dst[i] < 0: continue
-    want[dst[i]] = want[pool_src[i]] if pool_src[i] >= 0 else host.view(-1, row)[host_src[i] // row]
-recall_rows_triton(pool, host, dst, pool_src, host_src, row, ctas=3, tile_words=64)
-print("RESULTS " + json.dumps(bool(torch.equal(pool.view(-1, row), want))))
+for i in range(20):
+    d, p, h = int(dst.flatten()[i]), int(pool_src.flatten()[i]), int(host_rows.flatten()[i]) + 10 * (i // 5)
+    if d >= 0:
+        want[d] = want[p] if p >= 0 else host.view(-1, row)[h]
+recall_rows_triton(pool, host, dst.flatten(), pool_src.flatten(), host_rows.flatten(), starts, 5, row, ctas=3,
+                   tile_words=64)
+out["copy"] = bool(torch.equal(pool.view(-1, row), want))
+print("RESULTS " + json.dumps(out))
 """
-    assert run_interpreted(script, timeout=240)
+    res = run_interpreted(script, timeout=240)
+    assert res.pop("copy")
+    for bad, r in res.items():
+        assert r["dst"] and r["pool_src"] and r["host_rows"] and r["positions"], bad
+        assert r["facts"] == r["ref_facts"], bad
+        assert r["facts"][-1] == (bad != "none"), bad
+    assert res["none"]["held"] > 0 and sum(res["none"]["facts"][3:6]) > 0  # both kinds of row occur
