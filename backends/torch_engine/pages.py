@@ -86,12 +86,20 @@ class PageAllocator:
         ids = pages.to("cpu", torch.int64).numpy()
         if ids.size == 0:
             return
-        if self._free[ids].any() or np.bincount(ids).max() > 1:
+        if self._free[ids].any():
+            raise ValueError("freeing a page that is not allocated (double free)")
+        # a page named twice: marking them all free flips fewer entries than ids holds (one
+        # count over the map, no array as long as the largest id)
+        self._free[ids] = True
+        flipped = int(np.count_nonzero(self._free)) - self._free_count
+        if flipped != ids.size:
+            self._free[ids] = False
             raise ValueError("freeing a page that is not allocated (double free)")
         if after is not None and not after.query():
+            self._free[ids] = False  # not reusable before the copy: quarantined
             self._quarantine.append((after, ids.copy()))
             return
-        self._release(ids)
+        self._free_count += ids.size
 
     def _release(self, ids: np.ndarray) -> None:
         self._free[ids] = True

@@ -88,3 +88,13 @@ def test_non_contiguous_allocation_scans_from_a_cursor_and_wraps():
         alloc.allocate(alloc.free_pages + 1, contiguous=False)
     with pytest.raises(ValueError, match="double free"):
         alloc.free(c[:1].repeat(2))
+
+
+def test_a_page_named_twice_in_one_free_is_caught_and_nothing_is_freed():
+    alloc = PageAllocator(6)
+    pages = alloc.allocate(4)
+    with pytest.raises(ValueError, match="double free"):
+        alloc.free(torch.tensor([1, 2, 1]))
+    assert alloc.free_pages == 2  # pages 1 and 2 are still allocated
+    alloc.free(pages)
+    assert alloc.free_pages == 6
