@@ -30,7 +30,8 @@ from hcpolicy.kernels.window_scores import overlap_counts
 from hcpolicy.scores import Reduce
 
 # (fired [P, B] on the device, fired_host: the same as host lists (monitor, sequence),
-#  newest scores [P, B, L] of the window's last query, positions [B, L]) -> actions per layer
+#  newest scores [P, B, L] of the window's last query (probabilities), positions [B, L] of the
+#  prompt, ascending along L) -> actions per layer
 Act = Callable[[torch.Tensor, list[list[bool]], torch.Tensor, torch.Tensor], dict[int, list[Action]]]
 
 

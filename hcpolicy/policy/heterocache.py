@@ -235,9 +235,10 @@ class HeteroCachePolicy(Policy):
         return self._recalls([key], fired[None], None, scores[None], positions)[0]
 
     def _recalls(self, keys: list[tuple[int, int]], fired: torch.Tensor, fired_host: list[list[bool]] | None,
-                 scores: torch.Tensor, positions: torch.Tensor) -> list[Recall]:  # fmt: skip
+                 scores: torch.Tensor, positions: torch.Tensor, ascending: bool = False) -> list[Recall]:  # fmt: skip
         """``_recall`` for pivots ``keys`` at once (one batch of sorts): fired [P, B] (and
-        its host copy, when known: sequences that all fired need no merge), scores [P, B, L]."""
+        its host copy, when known: sequences that all fired need no merge), scores [P, B, L];
+        ``ascending``: positions ascend along L (``satellite_sets`` then needs no sort)."""
         length = scores.shape[-1]
         sats = [self.profile.clusters[layer][pivot] for layer, pivot in keys]
         s_max = max(len(x) for x in sats)
@@ -246,7 +247,8 @@ class HeteroCachePolicy(Policy):
             host[i, :, : len(sats[i])] = self._budgets_host[key]
         host = host.clamp(max=length)
         width = max(self._widths[key] for key in keys)
-        indices, lengths = satellite_sets(scores, positions, upload(host, scores.device), width, self.faithful)
+        indices, lengths = satellite_sets(scores, positions, upload(host, scores.device), width, self.faithful,
+                                          ascending)  # fmt: skip
         recalls = []
         for i, (key, heads) in enumerate(zip(keys, sats)):
             s = len(heads)
@@ -318,7 +320,8 @@ class HeteroCachePolicy(Policy):
             idx = upload(picked, newest.device)
             now, scores = fired[idx], newest[idx]
             trigger.move([keys[p] for p in picked], now, topk_sets(scores, self._monitor_k))
-            recalls = self._recalls([keys[p] for p in picked], now, [fired_host[p] for p in picked], scores, positions)
+            recalls = self._recalls([keys[p] for p in picked], now, [fired_host[p] for p in picked], scores, positions,
+                                    ascending=True)  # a WindowPlan's positions ascend: the prompt's  # fmt: skip
             for recall in recalls:
                 actions.setdefault(recall.layer, []).append(recall)
             return actions

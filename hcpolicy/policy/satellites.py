@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from hcpolicy.kernels.compact import top_positions
 from hcpolicy.scores import topk_selection
 
 
 def satellite_sets(scores: torch.Tensor, positions: torch.Tensor, budgets: torch.Tensor, width: int,
-                   faithful: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                   faithful: bool, ascending: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """scores [P, B, L] (pivots' pooled attention); positions [B, L]; budgets [P, B, S]
     int64 (satellite i keeps l_i tokens; 0 pads a pivot's missing satellites); width: a
     host bound of the budgets. Returns indices [P, B, S, W] (ascending positions, 0 past
@@ -24,7 +25,12 @@ def satellite_sets(scores: torch.Tensor, positions: torch.Tensor, budgets: torch
     Default: satellite i takes the top-l_i of the pivot's ranking (ties to the lower
     index): what ``topk_selection`` gives for S copies of the row, from one sort.
     ``faithful``: the reference code's rule, the top-max(l) candidates sorted by position,
-    of which satellite i takes the first l_i."""
+    of which satellite i takes the first l_i.
+
+    ``ascending``: the caller knows that ``positions`` ascend along L and that the scores are
+    non-negative and finite (attention probabilities): the default sets then come from a
+    radix select and a compaction per satellite (``kernels.compact.top_positions``), the
+    same sets without the two sorts of [P, B, L]."""
     p, b, s = budgets.shape
     length = scores.shape[-1]
     w = min(width, length)
@@ -36,6 +42,10 @@ def satellite_sets(scores: torch.Tensor, positions: torch.Tensor, budgets: torch
         cand = topk_selection(rows, widest, pos, width=w)  # [P * B, 1, W]
         indices = cand.indices.view(p, b, 1, -1).expand(p, b, s, -1).contiguous()
         return indices, torch.minimum(lengths, cand.lengths.view(p, b, 1))
+    if ascending:
+        rows = scores.float().reshape(p * b, length)
+        kept = top_positions(rows, lengths.clamp(max=w).flatten(), positions, s, w)  # [P * B * S, W]
+        return kept.view(p, b, s, w), lengths
     order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[..., :w]  # [P, B, W]
     picked, rank = torch.sort(positions.unsqueeze(0).expand(p, b, length).gather(-1, order), dim=-1)
     keep = rank.unsqueeze(2) < lengths.unsqueeze(-1)  # [P, B, S, W]: in satellite i's top l_i

@@ -31,11 +31,12 @@ def case(trial: int, gen: torch.Generator, device: str):
     return scores.to(device), positions.to(device).contiguous(), budgets.to(device), int(budgets.max())
 
 
+@pytest.mark.parametrize("ascending", [False, True], ids=["sorts", "select"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_satellite_sets_equal_a_topk_per_satellite(device):
+def test_satellite_sets_equal_a_topk_per_satellite(device, ascending):
     for scores, positions, budgets, width in cases(0, 60, device):
         p, b, s = budgets.shape
-        indices, lengths = satellite_sets(scores, positions, budgets, width, faithful=False)
+        indices, lengths = satellite_sets(scores, positions, budgets, width, faithful=False, ascending=ascending)
         for i in range(p):
             expand = scores[i].unsqueeze(1).expand(b, s, -1)
             want = topk_selection(expand, budgets[i], positions.unsqueeze(1).expand(b, s, -1), width=width)
