@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 import torch
 
-from hcpolicy.backends.torch_engine import Engine, EngineConfig, ModelConfig, random_model
+from hcpolicy.backends.torch_engine import Engine, EngineConfig, ModelConfig, random_model, recall_plan
 from hcpolicy.backends.torch_engine.bench import bandwidth, hf_model
 from hcpolicy.bench.hf_decode import llama_like_profile
 from hcpolicy.policy.heterocache import HeteroCachePolicy
@@ -156,7 +156,9 @@ def decode_times(engine: Engine, steps: int) -> list[dict[str, Any]]:
         pending, flying = bool(exe.pending), bool(rec.inflight)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
+        t0 = time.perf_counter()
         engine.decode(tok)
+        host_ms = (time.perf_counter() - t0) * 1e3  # until decode returned (the host's own work)
         b.record()
         b.synchronize()  # the compute stream only: async copies run on under the next steps
         after = (exe.recalls, exe.recalled_rows, exe.moved_rows, rec.landed, engine.eager_steps,
@@ -170,20 +172,26 @@ def decode_times(engine: Engine, steps: int) -> list[dict[str, Any]]:
             kind = "landing"
         else:
             kind = "in_flight" if flying else "plain"
-        out.append({"ms": a.elapsed_time(b), "kind": kind, "eager": d[4] > 0, "recalls": d[0],
+        out.append({"ms": a.elapsed_time(b), "host_ms": host_ms, "kind": kind, "eager": d[4] > 0, "recalls": d[0],
                     "recalled": d[0] > 0, "recalled_rows": d[1], "moved_rows": d[2], "landed": d[3],
                     "h2d_bytes": d[5], "in_flight": len(rec.inflight)})  # fmt: skip
     return out
 
 
 def by_kind(steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median and max ms per step kind, and each median over the plain steps' median."""
-    kinds: dict[str, list[float]] = {}
+    """Median and max ms per step kind, each median over the plain steps' median, and the
+    median host time of the kind's steps (``decode`` until it returned)."""
+    kinds: dict[str, list[dict[str, Any]]] = {}
     for s in steps:
-        kinds.setdefault(s["kind"], []).append(s["ms"])
-    plain = statistics.median(kinds["plain"]) if "plain" in kinds else None
-    return {k: {"n": len(v), "median_ms": statistics.median(v), "max_ms": max(v),
-                "median_over_plain": statistics.median(v) / plain if plain else None} for k, v in kinds.items()}  # fmt: skip
+        kinds.setdefault(s["kind"], []).append(s)
+    plain = statistics.median(s["ms"] for s in kinds["plain"]) if "plain" in kinds else None
+    out = {}
+    for kind, group in kinds.items():
+        ms = [s["ms"] for s in group]
+        out[kind] = {"n": len(ms), "median_ms": statistics.median(ms), "max_ms": max(ms),
+                     "median_over_plain": statistics.median(ms) / plain if plain else None,
+                     "host_median_ms": statistics.median(s.get("host_ms", float("nan")) for s in group)}  # fmt: skip
+    return out
 
 
 def run_ms(engine: Engine, steps: int) -> dict[str, Any]:
@@ -416,9 +424,17 @@ def main() -> None:
     parser.add_argument("--fused", choices=("auto", "on", "off"), default="auto", help="fused elementwise kernels")
     parser.add_argument("--device-decisions", choices=("auto", "on", "off"), default="auto",
                         help="HeteroCache's drift windows scored on the device (EngineConfig.device_decisions)")
+    parser.add_argument("--gather-ctas", type=int, default=None,
+                        help="programs of the async recall gather (default: recall_plan.GATHER_CTAS)")
+    parser.add_argument("--priority", type=int, default=0,
+                        help="CUDA stream priority the engines run on (lower is higher; 0: the default stream's)")
     parser.add_argument("--per-step-observations", action="store_true",
                         help="call the policy every step (not once per decode_period)")
     args = parser.parse_args()
+    if args.gather_ctas is not None:
+        if args.gather_ctas < 1:
+            parser.error(f"--gather-ctas must be >= 1, got {args.gather_ctas}")
+        recall_plan.GATHER_CTAS = args.gather_ctas
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -430,6 +446,7 @@ def main() -> None:
                                "args": vars(args), "command": "python3 -m hcpolicy.bench.engine_decode " +
                                f"--parts {args.parts} --drift {args.drift} --drift-sigma {args.drift_sigma} "
                                f"--recall-landing {args.recall_landing} --steps {args.steps} --fused {args.fused} "
+                               f"--priority {args.priority} --gather-ctas {recall_plan.GATHER_CTAS} "
                                f"--output {path.name}"}  # fmt: skip
 
     def save() -> None:
@@ -438,8 +455,11 @@ def main() -> None:
 
     def run(name: str, fn: Callable[[], Any]) -> None:
         log(f"part {name}")
+        stream = torch.cuda.Stream(priority=args.priority) if args.priority else torch.cuda.current_stream()
+        stream.wait_stream(torch.cuda.current_stream())
         try:
-            results[name] = fn()
+            with torch.cuda.stream(stream):
+                results[name] = fn()
         except Exception as err:
             results[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-3000:]}
             log(f"part {name} failed: {err}")

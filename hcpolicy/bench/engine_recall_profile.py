@@ -3,17 +3,22 @@
     PYTHONPATH=$PWD python3 -m hcpolicy.bench.engine_recall_profile --output $OUT/engine_recall_profile_h200.json
 
 Builds part c's HeteroCache cell of ``engine_decode`` (224K, C = 0.5, realistic drift,
-async recalls, device decisions), decodes to the first decision, then profiles each later
-step with cProfile and records every host sync torch reports
-(``torch.cuda.set_sync_debug_mode('warn')``) with the Python frames that caused it.
+async recalls, device decisions) and decodes to the first decision. Then 2 x ``--steps``
+steps are timed with wall-clock wrappers around the engine's recall and decision functions
+(``TIMED``: host ms per function, nothing else added to the step), and ``--steps`` more
+are profiled with cProfile, recording every host sync torch reports
+(``torch.cuda.set_sync_debug_mode('warn')``) with the Python frames that caused it;
+``--trace F`` also writes those steps' torch.profiler trace (gzipped Chrome JSON).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import gzip
 import io
 import json
+import os
 import pstats
 import traceback
 import warnings
@@ -62,19 +67,85 @@ def profiled_step(engine: Engine, tok: torch.Tensor) -> dict[str, Any]:
             "tottime": tot.getvalue().splitlines()[:40]}  # fmt: skip
 
 
+TIMED = [  # (module, owner, attribute): the host work of a recall step, timed by wrappers
+    ("hcpolicy.backends.torch_engine.async_recall", "AsyncRecalls", "_issue"),
+    ("hcpolicy.backends.torch_engine.async_recall", "AsyncRecalls", "land"),
+    ("hcpolicy.backends.torch_engine.async_recall", "AsyncRecalls", "_copy_tails"),
+    ("hcpolicy.backends.torch_engine.async_recall", "AsyncRecalls", "_fresh_pages"),
+    ("hcpolicy.backends.torch_engine.async_recall", "AsyncRecalls", "reap"),
+    ("hcpolicy.backends.torch_engine.async_recall", None, "plan_batch"),
+    ("hcpolicy.backends.torch_engine.async_recall", None, "recall_rows"),
+    ("hcpolicy.backends.torch_engine.kv", "PagedKV", "set_pages_many"),
+    ("hcpolicy.backends.torch_engine.pages", "PageAllocator", "allocate"),
+    ("hcpolicy.backends.torch_engine.pages", "PageAllocator", "free"),
+    ("hcpolicy.backends.torch_engine.monitor", "DeviceMonitor", "act"),
+    ("hcpolicy.backends.torch_engine.monitor", "DeviceMonitor", "decide"),
+    ("hcpolicy.backends.torch_engine.monitor", "DeviceMonitor", "stage"),
+    ("hcpolicy.policy.heterocache", "HeteroCachePolicy", "_recalls"),
+    ("hcpolicy.policy.heterocache", None, "satellite_sets"),
+    ("hcpolicy.backends.torch_engine.engine", "Engine", "_act"),
+    ("hcpolicy.backends.torch_engine.executor", "PagedExecutor", "apply"),
+    ("hcpolicy.backends.torch_engine.graphs", "DecodeGraph", "replay"),
+]
+
+
+def install_timers() -> dict[str, float]:
+    """Wrap each of TIMED so that its wall time (ms, host) adds up in the returned dict."""
+    import importlib
+    import functools
+    import time
+
+    totals: dict[str, float] = {}
+    for module, owner, name in TIMED:
+        mod = importlib.import_module(module)
+        holder = getattr(mod, owner) if owner else mod
+        fn = getattr(holder, name)
+        label = f"{owner}.{name}" if owner else name
+
+        def wrap(fn=fn, label=label):  # noqa: ANN001, ANN202
+            @functools.wraps(fn)
+            def timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    totals[label] = totals.get(label, 0.0) + (time.perf_counter() - t0) * 1e3
+
+            return timed
+
+        setattr(holder, name, wrap())
+    return totals
+
+
+def timed_step(engine: Engine, tok: torch.Tensor, totals: dict[str, float]) -> dict[str, Any]:
+    """One step with the wrappers only: its CUDA-event ms, host ms and each wrapped time."""
+    import time
+
+    totals.clear()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    t0 = time.perf_counter()
+    engine.decode(tok)
+    host = (time.perf_counter() - t0) * 1e3
+    b.record()
+    b.synchronize()
+    return {"ms": a.elapsed_time(b), "host_ms": host, "parts_ms": dict(sorted(totals.items(), key=lambda x: -x[1]))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True)
     parser.add_argument("--context", type=int, default=229376)
     parser.add_argument("--drift-sigma", type=float, default=0.2)
     parser.add_argument("--steps", type=int, default=8, help="steps profiled after the first decision")
+    parser.add_argument("--trace", help="also write a gzipped Chrome trace of the steps (torch.profiler) here")
     args = parser.parse_args()
     config = ModelConfig.preset("llama-3.1-8b", max_position=args.context + 1024)
     model = random_model(config, device="cuda", dtype=torch.bfloat16)
     warm = argparse.Namespace(drift="realistic", drift_sigma=args.drift_sigma, fused="auto", recall_landing="async",
                               per_step_observations=False, device_decisions="auto", compression=0.5)  # fmt: skip
     warm_up(model, config, warm)  # compiles what the first recall would
-    new = args.steps + 16
+    new = 3 * args.steps + 16
     engine = Engine(model, EngineConfig(max_seq_len=args.context + new, recall_landing="async"))
     engine.step_query_hook = StepRandomWalk(args.drift_sigma, new + 2, config.num_layers)
     engine.prefill_random([args.context], hetero(config.spec(), 0.5), max_new_tokens=new)
@@ -83,11 +154,25 @@ def main() -> None:
         engine.decode(tok)
     engine.decode(tok)
     torch.cuda.synchronize()
-    steps = [profiled_step(engine, tok) for _ in range(args.steps)]
+    totals = install_timers()
+    timed = [timed_step(engine, tok, totals) for _ in range(2 * args.steps)]
+    if args.trace:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as trace:  # fmt: skip
+            steps = [profiled_step(engine, tok) for _ in range(args.steps)]
+        plain = args.trace.removesuffix(".gz")
+        trace.export_chrome_trace(plain)
+        with open(plain, "rb") as src, gzip.open(args.trace, "wb") as dst:
+            dst.write(src.read())
+        os.remove(plain)
+    else:
+        steps = [profiled_step(engine, tok) for _ in range(args.steps)]
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args),
-              "steps": steps}  # fmt: skip
+              "timed": timed, "steps": steps}  # fmt: skip
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
+    for t in timed:
+        print(f"{t['ms']:.2f} ms host {t['host_ms']:.2f}: " + ", ".join(f"{k} {v:.2f}" for k, v in t["parts_ms"].items()))
     for s in steps:
         print(f"{s['ms']:.2f} ms recalls {s['recalls']} landed {s['landed']} syncs {sum(s['syncs'].values())}")
 
