@@ -203,7 +203,8 @@ class AsyncRecalls:
             return
         kv, exe = self.kv, self.exe
         landings = [self.inflight.pop(k) for k in keys]
-        for batch in {id(x.batch): x.batch for x in landings}.values():
+        batches = list({id(x.batch): x.batch for x in landings}.values())
+        for batch in batches:
             if wait and batch.event is not None:
                 batch.event.synchronize()
         bad = [k for k, x in zip(keys, landings) if x.batch.bad]
@@ -218,9 +219,13 @@ class AsyncRecalls:
         meta = upload(torch.tensor([[k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
                                     [exe.resident[k] for k in keys], [s[0] for s in sizes], tails, keep]),
                       kv.device)  # [7, M]: layer, sequence, head, resident, n, tail, pages kept  # fmt: skip
+        if kv.device.type == "cuda":
+            # each batch's fresh pages were made on the side stream and are read here, by ops
+            # the compute stream may run a step later; a batch whose last head lands now
+            # frees them, and without this the side stream could reuse the block first
+            for batch in batches:
+                batch.fresh.record_stream(torch.cuda.current_stream(kv.device))
         fresh = _fresh_rows(landings, len(keys))  # [M, P] their fresh pages (device)
-        if fresh.is_cuda:
-            fresh.record_stream(torch.cuda.current_stream(kv.device))  # made on the side stream, read here
         self._copy_tails(meta, fresh, max(tails))
         freed = [kv.set_pages_many(keys, [x.pages[:m] for x, m in zip(landings, keep)])]
         freed += [x.pages[m:] for x, m in zip(landings, keep)]

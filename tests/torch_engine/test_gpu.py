@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engine_helpers import dense_decode_f64, random_paged, synthetic_profile
+from hcpolicy.actions import Recall, Selection
 from hcpolicy.backends.torch_engine import Engine, EngineConfig, ModelConfig, random_model
 from hcpolicy.drift import EveryN, Never
 from hcpolicy.kernels.ragged_decode import DecodeConfig
@@ -228,3 +229,35 @@ def test_async_device_decisions_under_graphs_recall_what_the_policy_decides():
     now, later = runs["next_step"], runs["async"]
     assert now[4][0] == 4 and [x[0] for x in later[4:10]] == [0, 0, 1, 2, 3, 4]
     assert later[-1] == now[4]  # after the last landing: the same recalls and rows
+
+
+def test_a_partial_landing_keeps_its_batch_pages_until_the_compute_stream_read_them():
+    """Heads of a batch that land without the rest (one was replaced by a newer recall)
+    gather the batch's fresh pages on the compute stream; the batch dies in that landing,
+    and the side stream, which does not wait for the compute stream, must not get the
+    block back before the gather ran. (Under random drift a side-stream allocation once
+    took it first: the tables filled with its values and a tail copy indexed out of bounds.)"""
+    engine = small_engine(True, batch=1, recall_landing="async")
+    policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6, trigger=Never())
+    engine.prefill_random([1500], policy, max_new_tokens=8)
+    exe, rec = engine.executor, engine.executor.recaller
+
+    def recall(heads):
+        picks = [exe.host_positions[(0, 0, h)][:40].cpu() for h in heads]
+        return Recall(layer=0, heads=tuple(heads), selection=Selection(
+            indices=torch.stack(picks)[None], lengths=torch.full((1, len(heads)), 40, dtype=torch.int64)))
+
+    exe.apply([recall([1, 2])])  # batch A
+    exe.apply([recall([1])])  # batch B replaces A's head 1
+    first = rec.inflight[(0, 0, 2)].batch
+    nbytes = first.fresh.untyped_storage().nbytes()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # the landing's compute-stream ops run ~0.1 s late
+    assert rec.land_ready() == 2  # A's head 2 and B's head 1, gathered; A and B die here
+    with torch.cuda.stream(rec.async_.side()):  # the side stream at once wants a block of A's size
+        junk = torch.empty(nbytes // 8, dtype=torch.int64, device="cuda").fill_(-7)
+    torch.cuda.synchronize()
+    del junk
+    assert torch.equal(engine.kv.page_table.cpu(), engine.kv.host_table)
+    assert torch.equal(engine.kv.lengths.cpu(), engine.kv.host_lengths)
+    assert not rec.inflight
