@@ -249,8 +249,7 @@ def test_a_partial_landing_keeps_its_batch_pages_until_the_compute_stream_read_t
 
     exe.apply([recall([1, 2])])  # batch A
     exe.apply([recall([1])])  # batch B replaces A's head 1
-    first = rec.inflight[(0, 0, 2)].batch
-    nbytes = first.fresh.untyped_storage().nbytes()
+    nbytes = rec.inflight[(0, 0, 2)].batch.fresh.untyped_storage().nbytes()  # no reference kept: A may die
     torch.cuda.synchronize()
     torch.cuda._sleep(200_000_000)  # the landing's compute-stream ops run ~0.1 s late
     assert rec.land_ready() == 2  # A's head 2 and B's head 1, gathered; A and B die here
