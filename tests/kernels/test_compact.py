@@ -3,14 +3,10 @@ sort-based top-n (ties to the lower index), on CPU, under Triton's interpreter a
 input errors."""
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from interpreted import run_interpreted
 
 from hcpolicy.kernels.compact import top_positions
 
@@ -92,13 +88,7 @@ print("RESULTS " + json.dumps(bool(torch.equal(got, ref))))
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its interpreter runs on CPU)")
 def test_triton_kernels_under_interpreter() -> None:
-    root = Path(__file__).resolve().parents[2]
-    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert json.loads(proc.stdout.split("RESULTS ", 1)[1])
+    assert run_interpreted(INTERPRETER_SCRIPT, timeout=300)
 
 
 @pytest.mark.gpu

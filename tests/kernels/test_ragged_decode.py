@@ -5,14 +5,10 @@ Triton kernels run by Triton's interpreter on tiny shapes. GPU runs: test_ragged
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from interpreted import run_interpreted
 from ragged_cases import dense_attention_f64, random_layout, rel_err
 
 from hcpolicy.kernels import DecodeConfig, plan_chunks, ragged_decode_attention, ragged_decode_reference
@@ -175,14 +171,7 @@ print("RESULTS " + json.dumps(results))
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_kernels_under_interpreter() -> None:
-    here = Path(__file__).resolve().parent
-    path = os.pathsep.join([str(here), str(here.parents[1]), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    proc = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.split("RESULTS ", 1)[1])
+    results = run_interpreted(INTERPRETER_SCRIPT, timeout=120)
     assert len(results) == 4
     for r in results:
         # fp32: an exact-fp32 dot; fp16: P is rounded to fp16 before the P @ V dot.

@@ -6,14 +6,10 @@ against torch.topk, and replay inside a CUDA graph."""
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from interpreted import run_interpreted
 
 from hcpolicy.kernels.select import kth_largest, kth_largest_reference
 
@@ -152,17 +148,9 @@ print("RESULTS " + json.dumps(results))
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its interpreter runs on CPU)")
 def test_triton_kernels_under_interpreter() -> None:
-    root = Path(__file__).resolve().parents[2]
-    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=180)  # fmt: skip
-    if proc.returncode and "histogram() got an unexpected keyword argument 'mask'" in proc.stderr:
-        import triton  # masked tl.histogram arrived in triton 3.4
-
-        pytest.skip(f"triton {triton.__version__} has no masked tl.histogram")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.split("RESULTS ", 1)[1])
+    # masked tl.histogram arrived in triton 3.4
+    results = run_interpreted(INTERPRETER_SCRIPT, timeout=180, unsupported=(
+        ("histogram() got an unexpected keyword argument 'mask'", "triton {triton} has no masked tl.histogram"),))
     assert len(results) == 30
     for r in results:
         assert r["got"] == r["ref"] and r["got_ties"] == r["ref_ties"], r
