@@ -252,6 +252,13 @@ class AsyncRecalls:
         hold the old pages)."""
         if t_max == 0:
             return
+        src, dst = self._tail_rows(meta, fresh, t_max)
+        self.kv.kv.index_copy_(0, dst, self.kv.kv[src])
+        self.kv.positions.index_copy_(0, dst, self.kv.positions[src])
+
+    def _tail_rows(self, meta: torch.Tensor, fresh: torch.Tensor, t_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pool rows ``_copy_tails`` reads and writes: src, dst [M * t_max] (the trash
+        row past each head's tail)."""
         kv = self.kv
         e = torch.arange(t_max, device=kv.device)
         live = e < meta[5].unsqueeze(1)  # [M, T]
@@ -260,9 +267,7 @@ class AsyncRecalls:
         table = kv._table[meta[0], meta[1], meta[2]]  # [M, max pages]
         src = table.gather(1, (old // kv.page_size).clamp(max=kv.max_pages - 1)) * kv.page_size + old % kv.page_size
         dst = fresh.gather(1, (new // kv.page_size).clamp(max=fresh.shape[1] - 1)) * kv.page_size + new % kv.page_size
-        src, dst = torch.where(live, src, kv.trash_row).flatten(), torch.where(live, dst, kv.trash_row).flatten()
-        kv.kv.index_copy_(0, dst, kv.kv[src])
-        kv.positions.index_copy_(0, dst, kv.positions[src])
+        return torch.where(live, src, kv.trash_row).flatten(), torch.where(live, dst, kv.trash_row).flatten()
 
     def reset(self) -> None:
         """Drop everything in flight (its pages return to the pool once the copies are done)."""

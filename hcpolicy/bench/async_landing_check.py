@@ -65,13 +65,7 @@ def install(keep_plans: bool) -> None:
             return
         kv = self.kv
         rows = kv.kv.shape[0]
-        e = torch.arange(t_max, device=kv.device)
-        live = e < meta[5].unsqueeze(1)
-        old, new = meta[3].unsqueeze(1) + e, meta[4].unsqueeze(1) + e
-        table = kv._table[meta[0], meta[1], meta[2]]
-        src = table.gather(1, (old // kv.page_size).clamp(max=kv.max_pages - 1)) * kv.page_size + old % kv.page_size
-        dst = fresh.gather(1, (new // kv.page_size).clamp(max=fresh.shape[1] - 1)) * kv.page_size + new % kv.page_size
-        src, dst = torch.where(live, src, kv.trash_row).flatten(), torch.where(live, dst, kv.trash_row).flatten()
+        src, dst = self._tail_rows(meta, fresh, t_max)
         bad_dst, bad_src = (dst < 0) | (dst >= rows), (src < 0) | (src >= rows)
         later(torch.stack([bad_dst.sum(), bad_src.sum(), dst.min(), dst.max()]), "copy_tails",
               f"M={meta.shape[1]} fresh {tuple(fresh.shape)} t_max {t_max} rows {rows}")  # fmt: skip

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import gzip
+import importlib
 import io
 import json
 import os
 import pstats
+import time
 import traceback
 import warnings
 from typing import Any
@@ -91,10 +94,6 @@ TIMED = [  # (module, owner, attribute): the host work of a recall step, timed b
 
 def install_timers() -> dict[str, float]:
     """Wrap each of TIMED so that its wall time (ms, host) adds up in the returned dict."""
-    import importlib
-    import functools
-    import time
-
     totals: dict[str, float] = {}
     for module, owner, name in TIMED:
         mod = importlib.import_module(module)
@@ -119,8 +118,6 @@ def install_timers() -> dict[str, float]:
 
 def timed_step(engine: Engine, tok: torch.Tensor, totals: dict[str, float]) -> dict[str, Any]:
     """One step with the wrappers only: its CUDA-event ms, host ms and each wrapped time."""
-    import time
-
     totals.clear()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
