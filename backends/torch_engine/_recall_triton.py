@@ -83,12 +83,12 @@ def plan_rows_triton(want: torch.Tensor, n: torch.Tensor, held: torch.Tensor, ca
     return {"dst": dst, "pool_src": pool_src, "host_rows": host_rows, "facts": facts}
 
 
-@triton.jit(do_not_specialize=["n", "row_words", "per_head"])
-def _recall_rows(pool, host, dst, pool_src, host_rows, head_start, n, row_words, per_head, BLOCK_W: tl.constexpr,
+@triton.jit(do_not_specialize=["lo", "n", "row_words", "per_head"])
+def _recall_rows(pool, host, dst, pool_src, host_rows, head_start, lo, n, row_words, per_head, BLOCK_W: tl.constexpr,
                  TILE: tl.constexpr):  # fmt: skip
     lane = tl.arange(0, TILE)  # [TILE] entry within a tile
     cols = tl.arange(0, BLOCK_W)  # [BLOCK_W] word within a row chunk
-    for first in range(tl.program_id(0) * TILE, n, tl.num_programs(0) * TILE):
+    for first in range(lo + tl.program_id(0) * TILE, n, tl.num_programs(0) * TILE):
         i = first + lane
         ok = i < n
         d = tl.load(dst + i, mask=ok, other=-1)  # [TILE] int64 destination row
@@ -109,13 +109,15 @@ def _recall_rows(pool, host, dst, pool_src, host_rows, head_start, n, row_words,
 
 def recall_rows_triton(pool: torch.Tensor, host: torch.Tensor, dst: torch.Tensor, pool_src: torch.Tensor,
                        host_rows: torch.Tensor, head_start: torch.Tensor, per_head: int, row_words: int, ctas: int,
-                       tile_words: int = 4096) -> None:  # fmt: skip
+                       tile_words: int = 4096, warps: int = 8, lo: int = 0, hi: int | None = None) -> None:  # fmt: skip
     """pool: [R * row_words] words (CUDA); host: [W] words of the same dtype (a CUDA view of
     pinned memory); dst, pool_src, host_rows: [E] int64 on the device, entry i of head
-    i // per_head, whose host row 0 starts at word head_start[i // per_head]."""
-    n = dst.numel()
+    i // per_head, whose host row 0 starts at word head_start[i // per_head]; entries [lo,
+    hi) move (hi None: E). ``ctas`` programs each move ``tile_words`` words per pass with
+    ``warps`` warps."""
+    n = dst.numel() if hi is None else hi
     block_w = min(triton.next_power_of_2(row_words), tile_words // 2)
     tile = tile_words // block_w
-    grid = (max(1, min(ctas, triton.cdiv(n, tile))),)
-    _recall_rows[grid](pool, host, dst, pool_src, host_rows, head_start, n, row_words, per_head, BLOCK_W=block_w,
-                       TILE=tile, num_warps=8)  # fmt: skip
+    grid = (max(1, min(ctas, triton.cdiv(n - lo, tile))),)
+    _recall_rows[grid](pool, host, dst, pool_src, host_rows, head_start, lo, n, row_words, per_head, BLOCK_W=block_w,
+                       TILE=tile, num_warps=warps)  # fmt: skip

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import attrs
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,14 +46,24 @@ class Batch:
     each head's entry count, host rows and moved rows, then a flag for an invalid action."""
 
     facts: torch.Tensor
-    event: torch.cuda.Event | None
+    event: torch.cuda.Event | None  # behind its plan, then behind the last chunk of its gather sent
     heads: int
     fresh: torch.Tensor  # [M, P] the heads' fresh pages (device), for the landing's tail copy
-    keep: tuple = ()  # device tensors the copies read, alive until they are done
+    rows: tuple = ()  # (dst, pool_src, host_rows) [M, K] of its gather, alive until it is done
+    keys: tuple = ()  # the runtime's keys of its heads (their host blocks)
+    planned: torch.cuda.Event | None = None  # its plan's end on the side stream
+    sent: int = 0  # entries of the gather sent so far
+    total: int = 0  # entries of the gather (M * K)
+    valid: np.ndarray | None = None  # [M] the first valid[m] entries of head m are rows to move
     _values: list[int] | None = None
 
+    @property
+    def queued(self) -> bool:
+        """Part of its gather is not sent yet (``AsyncRecalls.pace``)."""
+        return self.sent < self.total
+
     def done(self) -> bool:
-        return self.event is None or self.event.query()
+        return not self.queued and (self.event is None or self.event.query())
 
     def fact(self, kind: int, index: int) -> int:
         if self._values is None:
@@ -74,9 +85,12 @@ class Landing:
 
 
 class AsyncRecalls:
-    def __init__(self, recaller: "Recaller", max_pages: int | None) -> None:
+    def __init__(self, recaller: "Recaller", max_pages: int | None, step_rows: int | None = None) -> None:
         self.rec, self.exe, self.kv = recaller, recaller.exe, recaller.kv
         self.max_pages = max_pages
+        self.step_rows = step_rows  # gather entries sent per decode step (None: a batch's whole gather at once)
+        self._budget = step_rows  # what the current step may still send
+        self._queue: list[Batch] = []  # batches whose gather is not all sent, oldest first
         self.inflight: dict[Key, Landing] = {}  # oldest first
         self.fence_event: torch.cuda.Event | None = None
         self._side: torch.cuda.Stream | None = None
@@ -137,7 +151,8 @@ class AsyncRecalls:
             self._retired.append(self.inflight.pop(key))
         lengths = kv.host_lengths.numpy()
         tails = [int(lengths[k]) - exe.resident[k] for k in keys]
-        room = [n + t + exe.reserve for n, t in zip(sizes(actions, kv.batch_size), tails)]
+        wanted = sizes(actions, kv.batch_size)
+        room = [n + t + exe.reserve for n, t in zip(wanted, tails)]
         counts = [kv.pages_for(r) for r in room]
         pages = self._fresh_pages(sum(counts)).split(counts)
         side = self.side()
@@ -151,16 +166,69 @@ class AsyncRecalls:
             plan = plan_batch(kv, exe.resident, index, actions, keys, pages, room)
             facts = torch.empty(plan["facts"].shape, dtype=torch.int64, pin_memory=side is not None)
             facts.copy_(plan["facts"], non_blocking=True)
-            runtime_keys = [(exe.cache_id, *k) for k in keys]
-            with exe.runtime.reading_rows(runtime_keys, align=(kv.kv.data_ptr(),)) as view:
-                recall_rows(kv.kv, view, plan["dst"], plan["pool_src"], plan["host_rows"])
-        # made on the side stream and read on the recall stream, which may still be copying an
-        # earlier batch: kept until this one lands, so the side stream cannot reuse them first
-        batch = Batch(facts=facts, event=view.transfer.event, heads=len(keys), fresh=plan["fresh"],
-                      keep=(plan["dst"], plan["pool_src"], plan["host_rows"]))  # fmt: skip
+            planned = None
+            if side is not None:
+                planned = torch.cuda.Event()
+                planned.record(side)
+            rows = (plan["dst"], plan["pool_src"], plan["host_rows"])
+            batch = Batch(facts=facts, event=planned, heads=len(keys), fresh=plan["fresh"], rows=rows,
+                          keys=tuple((exe.cache_id, *k) for k in keys), planned=planned, total=rows[0].numel(),
+                          valid=np.minimum(wanted, rows[0].shape[1]))  # fmt: skip
         for i, (key, head_pages) in enumerate(zip(keys, pages)):
             self.inflight[key] = Landing(pages=head_pages, batch=batch, index=i)
+        self._queue.append(batch)
+        if self.step_rows is None:  # the whole gather now, from the side stream (after the plan)
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                self._spend()
         self.rec.recalls += len(actions)
+
+    # -- the gathers, sent in chunks ------------------------------------------------------------
+    def pace(self, quiet: bool = False) -> None:
+        """After a decode step is enqueued: send the next ``step_rows`` recalled rows of the
+        gathers not sent yet, oldest batch first, to run under the next step (``quiet``:
+        none; the engine passes it when the next step ends with a decision). A batch none
+        of whose heads will land any more (all replaced by newer recalls) sends nothing
+        more."""
+        live = {id(x.batch) for x in self.inflight.values()}
+        for batch in [b for b in self._queue if id(b) not in live]:
+            batch.total = batch.sent  # its copy is not needed: its pages go back once the sent part is done
+            self._queue.remove(batch)
+        self._budget = 0 if quiet else self.step_rows
+        self._spend()
+
+    def _spend(self) -> None:
+        while self._queue and (self._budget is None or self._budget > 0):
+            batch = self._queue[0]
+            end, rows = batch.total, None
+            if self._budget is not None:
+                end, rows = _past_rows(batch.valid, batch.rows[0].shape[1], batch.sent, self._budget)
+                self._budget -= rows
+            self._send(batch, end - batch.sent)
+
+    def _send(self, batch: Batch, n: int) -> None:
+        """Enqueue entries [sent, sent + n) of ``batch``'s gather on the recall stream, after
+        the current stream's queued work and the batch's plan."""
+        kv = self.kv
+        lo, hi = batch.sent, batch.sent + n
+        with self.exe.runtime.reading_rows(list(batch.keys), align=(kv.kv.data_ptr(),)) as view:
+            if batch.planned is not None:
+                stream = torch.cuda.current_stream(kv.device)
+                stream.wait_event(batch.planned)
+                for t in batch.rows:  # made on the side stream: not reused before this chunk ran
+                    t.record_stream(stream)
+            recall_rows(kv.kv, view, *batch.rows, lo=lo, hi=hi)
+        batch.sent = hi
+        if view.transfer.event is not None:
+            batch.event = view.transfer.event
+        if not batch.queued:
+            self._queue.remove(batch)
+
+    def _finish(self, batch: Batch) -> None:
+        """The host waits for all of ``batch``'s gather (what is not sent yet goes now)."""
+        if batch.queued:
+            self._send(batch, batch.total - batch.sent)
+        if batch.event is not None:
+            batch.event.synchronize()
 
     def _fresh_pages(self, need: int) -> torch.Tensor:
         """``need`` pages, landing the oldest in-flight recalls while the bound or the pool's
@@ -171,9 +239,7 @@ class AsyncRecalls:
             return over or self.kv.allocator.free_pages < need
 
         while self._retired and short():  # replaced recalls' pages first: nothing lands
-            event = self._retired[0].batch.event
-            if event is not None:
-                event.synchronize()
+            self._finish(self._retired[0].batch)
             self.reap()
         while self.inflight and short():
             self.land([next(iter(self.inflight))], wait=True)
@@ -205,8 +271,8 @@ class AsyncRecalls:
         landings = [self.inflight.pop(k) for k in keys]
         batches = list({id(x.batch): x.batch for x in landings}.values())
         for batch in batches:
-            if wait and batch.event is not None:
-                batch.event.synchronize()
+            if wait:
+                self._finish(batch)
         bad = [k for k, x in zip(keys, landings) if x.batch.bad]
         if bad:
             kv.allocator.free(torch.cat([x.pages for x in landings]))
@@ -277,7 +343,26 @@ class AsyncRecalls:
             self.kv.allocator.free(x.pages)
         self.inflight.clear()
         self._retired.clear()
+        self._queue.clear()
         self.fence_event = None
+
+
+def _past_rows(valid: np.ndarray, k: int, start: int, rows: int) -> tuple[int, int]:
+    """Flat entries of M heads of ``k`` entries, the first ``valid[m]`` of head m rows to
+    move: the entry after ``rows`` more rows from entry ``start`` (the end when fewer are
+    left), and how many rows that is."""
+    before = np.concatenate([[0], np.cumsum(valid)])  # [M + 1] rows before head m
+
+    def rows_to(x: int) -> int:
+        m = x // k
+        return int(before[-1]) if m >= len(valid) else int(before[m]) + min(x - m * k, int(valid[m]))
+
+    have = rows_to(start)
+    target = have + rows
+    if target >= before[-1]:
+        return len(valid) * k, int(before[-1]) - have
+    m = int(np.searchsorted(before, target, side="right")) - 1  # before[m] <= target < before[m + 1]
+    return m * k + target - int(before[m]), rows
 
 
 def _fresh_rows(landings: list[Landing], m: int) -> torch.Tensor:

@@ -80,7 +80,8 @@ class Engine:
         )  # fmt: skip
         self.runtime = TransferRuntime(self.device, check_device_rows=False)  # recall rows are found, in range
         self.executor = PagedExecutor(self.kv, self.runtime, next(_ids), landing=config.recall_landing,
-                                      async_pages=config.async_recall_pages)  # fmt: skip
+                                      async_pages=config.async_recall_pages,
+                                      async_step_bytes=config.async_recall_step_bytes)  # fmt: skip
         self.scale = 1.0 / math.sqrt(self.mc.head_dim)
         b, h_q, d = config.max_batch_size, self.mc.num_heads, self.mc.head_dim
         self._tokens = torch.zeros(b, 1, dtype=torch.int64, device=self.device)  # static decode inputs
@@ -226,6 +227,7 @@ class Engine:
             self._act()
         if self.deferred and self.observer.due(self.step):
             self._observe_recorded()
+        exe.recaller.pace(quiet=self.observer.due(self.step + 1))  # async gathers: the next step's share
         self.step += 1
         self.steps_left -= 1
         return logits[:, 0]

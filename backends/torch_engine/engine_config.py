@@ -32,7 +32,11 @@ class EngineConfig:
         never (the policy's ``decode_layers`` scores them).
     recall_landing: 'next_step', 'eager_step' or 'async' (see ``recall``);
         async_recall_pages: bound on the fresh pages of async recalls in flight (None: the
-        pool's free pages are the bound)."""
+        pool's free pages are the bound); async_recall_step_bytes: bytes of K/V rows the
+        async gathers write per decode step, none in a step that ends with a decision (a
+        batch's first share goes out when it is issued, the rest in the steps after; None:
+        each batch's whole gather at once). Copies in flight slow the step they run under
+        in proportion to what they move in it."""
 
     max_batch_size: int = attrs.field(default=1, validator=integer(1))
     max_seq_len: int = attrs.field(default=4096, validator=integer(1))
@@ -48,9 +52,10 @@ class EngineConfig:
     device_decisions: bool | None = attrs.field(default=None, validator=attrs.validators.in_((None, True, False)))
     recall_landing: str = attrs.field(default="next_step", validator=attrs.validators.in_(LANDINGS))
     async_recall_pages: int | None = None
+    async_recall_step_bytes: int | None = 384 << 20
 
     def __attrs_post_init__(self) -> None:
-        for name in ("num_pages", "async_recall_pages"):
+        for name in ("num_pages", "async_recall_pages", "async_recall_step_bytes"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")

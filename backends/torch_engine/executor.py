@@ -32,7 +32,7 @@ class PagedExecutor(ActionExecutor):
     still to be generated (set by the engine), so decode steps never allocate pages."""
 
     def __init__(self, kv: PagedKV, runtime: TransferRuntime, cache_id: int, *, landing: str = "next_step",
-                 async_pages: int | None = None) -> None:  # fmt: skip
+                 async_pages: int | None = None, async_step_bytes: int | None = None) -> None:  # fmt: skip
         self.kv = kv
         self.runtime = runtime
         self.cache_id = cache_id
@@ -40,7 +40,7 @@ class PagedExecutor(ActionExecutor):
         self.host_positions: dict[tuple[int, int, int], torch.Tensor] = {}  # (layer, b, h) -> [n] offloaded
         self.resident: dict[tuple[int, int, int], int] = {}  # entries from the offloaded range on the device
         self.attend_views: dict[int, dict[int, Selection]] = {}  # layer -> head -> [B, 1, K] (this step)
-        self.recaller = Recaller(self, landing, async_pages)
+        self.recaller = Recaller(self, landing, async_pages, async_step_bytes)
         self._reading: dict[int, torch.cuda.Event | None] = {}  # layer -> its newest offload copy (CUDA)
         self._deferred: list[tuple[int, torch.Tensor]] | None = None  # (layer, flags [2]) of Selects (defer_checks)
 

@@ -48,16 +48,20 @@ Key = tuple[int, int, int]  # (layer, sequence, KV head)
 class Recaller:
     """Executes Recall actions for ``executor`` (which owns the host-store bookkeeping)."""
 
-    def __init__(self, executor: "PagedExecutor", landing: str = "next_step", max_pages: int | None = None) -> None:
+    def __init__(self, executor: "PagedExecutor", landing: str = "next_step", max_pages: int | None = None,
+                 step_bytes: int | None = None) -> None:  # fmt: skip
         if landing not in LANDINGS:
             raise ValueError(f"recall landing must be one of {LANDINGS}, got {landing!r}")
         if max_pages is not None and max_pages < 1:
             raise ValueError(f"async recall pages must be >= 1 or None, got {max_pages}")
+        if step_bytes is not None and step_bytes < 1:
+            raise ValueError(f"async recall bytes per step must be >= 1 or None, got {step_bytes}")
         self.exe, self.kv = executor, executor.kv
         self.landing = landing
         self.pending: dict[int, torch.cuda.Event] = {}  # layer -> in-place recall to wait for
         self.recalls = self.recalled_rows = self.moved_rows = self.landed = 0
-        self.async_ = AsyncRecalls(self, max_pages)
+        row_bytes = self.kv.kv[0].numel() * self.kv.kv.element_size()  # K + V of one entry
+        self.async_ = AsyncRecalls(self, max_pages, None if step_bytes is None else max(1, step_bytes // row_bytes))
         self._side: torch.cuda.Stream | None = None
 
     @property
@@ -86,12 +90,26 @@ class Recaller:
         for layer in list(self.pending):
             self.wait(layer)
 
+    def pace(self, quiet: bool) -> None:
+        """After a decode step is enqueued: the async recalls' gather share that runs under
+        the next one (none when ``quiet``: the next step ends with a decision)."""
+        if self.landing == "async":
+            self.async_.pace(quiet)
+
     def land_ready(self) -> int:
         """Land the async recalls whose copies have finished (``event.query()``: no sync)."""
         self.async_.reap()
         ready = self.async_.ready()
         self.async_.land(ready)
         return len(ready)
+
+    def land_all(self) -> None:
+        """Land every async recall now: what their gathers have not sent goes at once and
+        the host waits for the copies (the end of a run; replaced recalls' pages return)."""
+        for x in list(self.async_._retired):
+            self.async_._finish(x.batch)
+        self.async_.reap()
+        self.async_.land(list(self.inflight), wait=True)
 
     def land_layer(self, layer: int) -> None:
         """Land ``layer``'s async recalls now (the host waits for their copies): an action

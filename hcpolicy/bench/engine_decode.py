@@ -197,20 +197,41 @@ def by_kind(steps: list[dict[str, Any]]) -> dict[str, Any]:
 def run_ms(engine: Engine, steps: int) -> dict[str, Any]:
     """``steps`` steps with no host sync between them (the host runs ahead as a serving loop
     does): the mean ms per step until the compute stream has produced the last token
-    (async copies still running then are not waited for), and the recalls in the window."""
+    (async copies still running then are not waited for), and the recalls in the window.
+    ``steps_ms``: the compute stream's time from one step's start to the next (events
+    recorded without waiting: idle gaps where the host fell behind count); ``host_ms``:
+    each ``decode`` call until it returned; ``mallocs``: device segments (cudaMalloc) and
+    pinned host blocks (cudaHostAlloc) each call made: both are implicit synchronisations,
+    so work issued after one waits for all work issued before on every stream."""
     tok = torch.zeros(engine.batch, dtype=torch.int64, device="cuda")
     exe, rec = engine.executor, engine.executor.recaller
     before = (exe.recalls, rec.landed, engine.runtime.counters().h2d_bytes)
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    host, mallocs = [], []
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for i in range(steps):
+        marks[i].record()
+        t = time.perf_counter()
+        had = allocations()
         engine.decode(tok)
+        host.append((time.perf_counter() - t) * 1e3)
+        mallocs.append([x - y for x, y in zip(allocations(), had)])
+    marks[-1].record()
     torch.cuda.current_stream().synchronize()
     ms = (time.perf_counter() - t0) * 1e3 / steps
     torch.cuda.synchronize()
     after = (exe.recalls, rec.landed, engine.runtime.counters().h2d_bytes)
     return {"ms_mean": ms, "steps": steps, "recalls": after[0] - before[0], "landed": after[1] - before[1],
-            "h2d_bytes": after[2] - before[2]}  # fmt: skip
+            "h2d_bytes": after[2] - before[2], "steps_ms": [a.elapsed_time(b) for a, b in zip(marks, marks[1:])],
+            "host_ms": host, "mallocs": mallocs}  # fmt: skip
+
+
+def allocations() -> tuple[int, int]:
+    """(device segments, pinned host blocks) allocated so far by torch's caching allocators."""
+    device = torch.cuda.memory_stats().get("segment.all.allocated", 0)
+    host = getattr(torch.cuda, "host_memory_stats", lambda: {})().get("num_host_alloc", 0)
+    return int(device), int(host)
 
 
 def engine_cell(model: Any, context: int, batch: int, policy: Any, steps: int, warmup: int, bw: float,
@@ -267,7 +288,8 @@ def warm_up(model: Any, config: ModelConfig, args: argparse.Namespace) -> None:
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     fused = {"auto": None, "on": True, "off": False}[args.fused]
-    return {"fused_kernels": fused, "recall_landing": args.recall_landing,
+    step = None if args.recall_step_mb == 0 else int(args.recall_step_mb * (1 << 20))
+    return {"fused_kernels": fused, "recall_landing": args.recall_landing, "async_recall_step_bytes": step,
             "batch_observations": not args.per_step_observations,
             "device_decisions": {"auto": None, "on": True, "off": False}[args.device_decisions]}  # fmt: skip
 
@@ -424,29 +446,33 @@ def main() -> None:
     parser.add_argument("--fused", choices=("auto", "on", "off"), default="auto", help="fused elementwise kernels")
     parser.add_argument("--device-decisions", choices=("auto", "on", "off"), default="auto",
                         help="HeteroCache's drift windows scored on the device (EngineConfig.device_decisions)")
-    parser.add_argument("--gather-ctas", type=int, default=None,
-                        help="programs of the async recall gather (default: recall_plan.GATHER_CTAS)")
+    parser.add_argument("--gather", default=None, metavar="CTAS,WARPS,TILE_WORDS",
+                        help="launch of the async recall gather (default: recall_plan.GATHER)")
+    parser.add_argument("--recall-step-mb", type=float, default=EngineConfig().async_recall_step_bytes / (1 << 20),
+                        help="MiB the async recall gathers write per decode step (0: whole batches at once)")
     parser.add_argument("--priority", type=int, default=0,
                         help="CUDA stream priority the engines run on (lower is higher; 0: the default stream's)")
     parser.add_argument("--per-step-observations", action="store_true",
                         help="call the policy every step (not once per decode_period)")
     args = parser.parse_args()
-    if args.gather_ctas is not None:
-        if args.gather_ctas < 1:
-            parser.error(f"--gather-ctas must be >= 1, got {args.gather_ctas}")
-        recall_plan.GATHER_CTAS = args.gather_ctas
+    if args.gather is not None:
+        try:
+            recall_plan.GATHER = recall_plan.GatherShape(*(int(x) for x in args.gather.split(",")))
+        except (TypeError, ValueError) as err:
+            parser.error(f"--gather: {err}")
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         parser.error(f"unknown parts {unknown}; known: {PARTS}")
     if not torch.cuda.is_available():
         parser.error("this bench needs a CUDA device")
-    path = Path(args.output)
+    path, g = Path(args.output), recall_plan.GATHER
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                "args": vars(args), "command": "python3 -m hcpolicy.bench.engine_decode " +
                                f"--parts {args.parts} --drift {args.drift} --drift-sigma {args.drift_sigma} "
                                f"--recall-landing {args.recall_landing} --steps {args.steps} --fused {args.fused} "
-                               f"--priority {args.priority} --gather-ctas {recall_plan.GATHER_CTAS} "
+                               f"--priority {args.priority} --gather {g.ctas},{g.warps},{g.tile_words} "
+                               f"--recall-step-mb {args.recall_step_mb:g} "
                                f"--output {path.name}"}  # fmt: skip
 
     def save() -> None:

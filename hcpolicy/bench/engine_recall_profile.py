@@ -129,20 +129,84 @@ def timed_step(engine: Engine, tok: torch.Tensor, totals: dict[str, float]) -> d
     return {"ms": a.elapsed_time(b), "host_ms": host, "parts_ms": dict(sorted(totals.items(), key=lambda x: -x[1]))}
 
 
+MARKED = [  # (module, owner, attribute): what a decode call enqueues on the compute stream
+    ("hcpolicy.backends.torch_engine.graphs", "DecodeGraph", "replay"),
+    ("hcpolicy.backends.torch_engine.graphs", "DecisionGraph", "replay"),
+    ("hcpolicy.backends.torch_engine.recall", "Recaller", "wait_all"),
+    ("hcpolicy.backends.torch_engine.recall", "Recaller", "pace"),
+    ("hcpolicy.backends.torch_engine.recall", "Recaller", "land_ready"),
+    ("hcpolicy.backends.torch_engine.executor", "PagedExecutor", "apply"),
+    ("hcpolicy.backends.torch_engine.engine", "Engine", "_act"),
+    ("hcpolicy.backends.torch_engine.engine", "Engine", "_observe_recorded"),
+]
+
+
+def install_markers(marks: list[tuple[int, str, torch.cuda.Event]], step: list[int]) -> None:
+    """Wrap each of MARKED so that it records a timing event on the compute stream before
+    and after it (no host wait): the device intervals between marks show where the compute
+    stream waits on other streams when the host does not wait for each step."""
+    for module, owner, name in MARKED:
+        holder = getattr(importlib.import_module(module), owner)
+        fn = getattr(holder, name)
+
+        def wrap(fn=fn, label=f"{owner}.{name}"):  # noqa: ANN001, ANN202
+            @functools.wraps(fn)
+            def marked(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                for when in ("<", ">"):
+                    if when == ">":
+                        out = fn(*args, **kwargs)
+                    event = torch.cuda.Event(enable_timing=True)
+                    event.record()
+                    marks.append((step[0], when + label, event))
+                return out
+
+            return marked
+
+        setattr(holder, name, wrap())
+
+
+def unsynced_marks(engine: Engine, tok: torch.Tensor, steps: int) -> list[dict[str, Any]]:
+    """``steps`` decode calls without host waits between them, with ``install_markers``:
+    per step its host ms and the device ms between consecutive marks (label pairs)."""
+    marks: list[tuple[int, str, torch.cuda.Event]] = []
+    step = [0]
+    install_markers(marks, step)
+    host = []
+    torch.cuda.synchronize()
+    for i in range(steps):
+        step[0] = i
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks.append((i, "<decode", event))
+        t0 = time.perf_counter()
+        engine.decode(tok)
+        host.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    out = [{"step": i, "host_ms": h, "intervals": []} for i, h in enumerate(host)]
+    for (i, a, ea), (_, b, eb) in zip(marks, marks[1:]):
+        out[i]["intervals"].append([a, b, round(ea.elapsed_time(eb), 3)])
+    for row in out:
+        row["device_ms"] = sum(x[2] for x in row["intervals"])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True)
     parser.add_argument("--context", type=int, default=229376)
     parser.add_argument("--drift-sigma", type=float, default=0.2)
     parser.add_argument("--steps", type=int, default=8, help="steps profiled after the first decision")
+    parser.add_argument("--unsynced", type=int, default=0,
+                        help="then this many steps without host waits, with device marks (unsynced_marks)")
     parser.add_argument("--trace", help="also write a gzipped Chrome trace of the steps (torch.profiler) here")
     args = parser.parse_args()
     config = ModelConfig.preset("llama-3.1-8b", max_position=args.context + 1024)
     model = random_model(config, device="cuda", dtype=torch.bfloat16)
     warm = argparse.Namespace(drift="realistic", drift_sigma=args.drift_sigma, fused="auto", recall_landing="async",
-                              per_step_observations=False, device_decisions="auto", compression=0.5)  # fmt: skip
+                              per_step_observations=False, device_decisions="auto", compression=0.5,
+                              recall_step_mb=EngineConfig().async_recall_step_bytes / (1 << 20))  # fmt: skip
     warm_up(model, config, warm)  # compiles what the first recall would
-    new = 3 * args.steps + 16
+    new = 3 * args.steps + args.unsynced + 16
     engine = Engine(model, EngineConfig(max_seq_len=args.context + new, recall_landing="async"))
     engine.step_query_hook = StepRandomWalk(args.drift_sigma, new + 2, config.num_layers)
     engine.prefill_random([args.context], hetero(config.spec(), 0.5), max_new_tokens=new)
@@ -166,6 +230,12 @@ def main() -> None:
         steps = [profiled_step(engine, tok) for _ in range(args.steps)]
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args),
               "timed": timed, "steps": steps}  # fmt: skip
+    if args.unsynced:
+        result["unsynced"] = unsynced_marks(engine, tok, args.unsynced)
+        for row in result["unsynced"]:
+            worst = max(row["intervals"], key=lambda x: x[2])
+            print(f"unsynced {row['step']}: device {row['device_ms']:.2f} ms host {row['host_ms']:.2f}, longest "
+                  f"{worst}")  # fmt: skip
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
     for t in timed:

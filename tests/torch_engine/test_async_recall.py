@@ -5,6 +5,7 @@ fired pivots each, and each share's recalls go out in the step after."""
 
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,8 +22,10 @@ def model(tmp_path_factory):
     return small_llama(tmp_path_factory.mktemp("llama"))
 
 
-def prefilled(model, landing: str, length: int = 90, batch: int = 1):
-    engine = small_engine(model, observe="deferred", recall_landing=landing)
+def prefilled(model, landing: str, length: int = 90, batch: int = 1, **options):
+    """A prefilled engine; actions applied outside ``decode`` need ``async_recall_step_bytes=None``
+    (whole gathers at once: a paced gather goes out after decode steps)."""
+    engine = small_engine(model, observe="deferred", recall_landing=landing, **options)
     policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6,
                                trigger=WindowedOverlap(tau=0.9))  # fmt: skip
     engine.prefill(ids(length, seed=3, batch=batch), policy, max_new_tokens=10)
@@ -57,7 +60,7 @@ def test_one_batch_lands_what_in_place_recalls_write(model, batch):
     one: the same entries (keys, values, positions) and the same row counts."""
     runs = []
     for landing in ("next_step", "async"):
-        engine = prefilled(model, landing, batch=batch)
+        engine = prefilled(model, landing, batch=batch, async_recall_step_bytes=None)
         tok = torch.full((batch,), 5)
         engine.decode(tok)  # a generated token sits behind the recalled entries
         h2d0 = engine.runtime.counters().h2d_bytes
@@ -86,7 +89,7 @@ def test_a_recall_replaces_one_in_flight(model):
     the heads end with the second selection, as in place, and every page comes back."""
     runs = []
     for landing in ("next_step", "async"):
-        engine = prefilled(model, landing)
+        engine = prefilled(model, landing, async_recall_step_bytes=None)
         engine.executor.apply(recalls_of_every_layer(engine, seed=1))
         engine.executor.apply(recalls_of_every_layer(engine, seed=2))
         if landing == "async":
@@ -106,7 +109,7 @@ def test_a_recall_replaces_one_in_flight(model):
 
 
 def test_a_bad_recall_raises_when_it_lands(model):
-    engine = prefilled(model, "async")
+    engine = prefilled(model, "async", async_recall_step_bytes=None)
     free = engine.kv.allocator.free_pages
     before = device_kv(engine)
     actions = recalls_of_every_layer(engine, seed=2)
@@ -213,3 +216,110 @@ print("RESULTS " + json.dumps(out))
         assert r["facts"] == r["ref_facts"], bad
         assert r["facts"][-1] == (bad != "none"), bad
     assert res["none"]["held"] > 0 and sum(res["none"]["facts"][3:6]) > 0  # both kinds of row occur
+
+
+def paced(model, step_rows: int | None):
+    """An async engine whose monitor never fires (tau 0), its gathers sent ``step_rows``
+    entries per decode step (None: whole batches), one token decoded."""
+    engine = small_engine(model, observe="deferred", recall_landing="async", async_recall_step_bytes=(
+        None if step_rows is None else step_rows * 2 * model.config.head_dim * 4))  # float32 rows  # fmt: skip
+    policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6,
+                               trigger=WindowedOverlap(tau=0.0))  # fmt: skip
+    engine.prefill(ids(90, seed=3), policy, max_new_tokens=40)
+    engine.decode(torch.tensor([5]))
+    return engine
+
+
+def recalled_entries(engine):
+    """Each offloaded head's recalled entries (keys, values, positions), tails left out."""
+    out = {}
+    for (layer, b, h), n in engine.executor.resident.items():
+        k, v, p = engine.kv.entries_view(layer, [h])
+        out[(layer, b, h)] = (k[b, 0, :n], v[b, 0, :n], p[b, 0, :n])
+    return out
+
+
+def test_paced_gathers_send_a_share_per_step_and_none_in_decision_steps(model):
+    """With ``async_recall_step_bytes`` a batch's gather goes out that many rows at a time,
+    one share after each decode step is enqueued (to run under the next), none before a
+    step that ends with a decision; it lands once all is sent and done, with the entries of
+    an unpaced batch."""
+    whole = paced(model, None)
+    whole.executor.apply(recalls_of_every_layer(whole, seed=1))
+    assert whole.executor.recaller.land_ready() > 0 and not whole.executor.recaller.inflight
+    step_rows = 16
+    engine = paced(model, step_rows)
+    rec = engine.executor.recaller
+    engine.executor.apply(recalls_of_every_layer(engine, seed=1))
+    (batch,) = rec.async_._queue
+    rows = int(batch.valid.sum())
+    assert batch.sent == 0 and rows > 4 * step_rows and batch.total >= rows  # rows: the heads known lengths
+    assert rec.land_ready() == 0 and len(rec.inflight) == 2 * engine.mc.num_layers
+    tok, sends, quiet = torch.tensor([6]), 0, 0
+    while batch.queued:
+        before, decision = batch.sent, engine.observer.due(engine.step + 1)
+        tok = engine.decode(tok).argmax(-1)
+        assert (batch.sent == before) == decision, (engine.step, before, batch.sent)
+        sends, quiet = sends + (not decision), quiet + decision
+        assert sends + quiet < 40
+    assert quiet >= 1 and sends == -(-rows // step_rows)
+    assert rec.inflight  # the last share runs under the next step, which lands it
+    engine.decode(tok)
+    assert not rec.inflight and rec.landed == whole.executor.recaller.landed
+    a, b = recalled_entries(whole), recalled_entries(engine)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert all(torch.equal(x, y) for x, y in zip(a[key], b[key])), key
+
+
+def test_a_replaced_batch_stops_sending(model):
+    """A batch all of whose heads a newer recall replaced sends no more of its gather; its
+    pages come back once what it sent is done, and the heads end with the newer selection."""
+    whole = paced(model, None)
+    whole.executor.apply(recalls_of_every_layer(whole, seed=2))
+    whole.executor.recaller.land_ready()
+    engine = paced(model, 16)
+    rec = engine.executor.recaller
+    engine.executor.apply(recalls_of_every_layer(engine, seed=1))
+    (first,) = rec.async_._queue
+    engine.executor.apply(recalls_of_every_layer(engine, seed=2))  # replaces every head of the first
+    tok = torch.tensor([6])
+    for _ in range(30):
+        tok = engine.decode(tok).argmax(-1)
+        if not rec.inflight:
+            break
+    assert first.total == first.sent == 0  # replaced before any of it went out
+    assert not rec.inflight and not rec.async_._retired and not rec.async_._queue
+    a, b = recalled_entries(whole), recalled_entries(engine)
+    for key in a:
+        assert all(torch.equal(x, y) for x, y in zip(a[key], b[key])), key
+    engine.release()
+    assert engine.kv.allocator.free_pages == engine.kv.allocator.num_pages
+
+
+def test_land_all_sends_what_is_queued_and_lands_it(model):
+    whole = paced(model, None)
+    whole.executor.apply(recalls_of_every_layer(whole, seed=1))
+    whole.executor.recaller.land_ready()
+    engine = paced(model, 16)
+    rec = engine.executor.recaller
+    engine.executor.apply(recalls_of_every_layer(engine, seed=1))
+    assert rec.async_._queue and rec.land_ready() == 0
+    rec.land_all()
+    assert not rec.inflight and not rec.async_._queue and rec.landed == whole.executor.recaller.landed
+    a, b = recalled_entries(whole), recalled_entries(engine)
+    for key in a:
+        assert all(torch.equal(x, y) for x, y in zip(a[key], b[key])), key
+
+
+def test_past_rows_counts_only_the_rows_each_head_moves():
+    from hcpolicy.backends.torch_engine.async_recall import _past_rows
+
+    valid, k = np.array([3, 0, 5, 2]), 6  # heads of 6 entries: rows at 0-2, 12-16, 18-19
+    rows_at = [0, 1, 2, 12, 13, 14, 15, 16, 18, 19]
+    for start in range(0, 25):
+        for rows in range(1, 12):
+            end, got = _past_rows(valid, k, start, rows)
+            left = [e for e in rows_at if e >= start]
+            assert got == min(rows, len(left))
+            assert [e for e in rows_at if start <= e < end] == left[:got], (start, rows, end)

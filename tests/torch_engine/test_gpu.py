@@ -66,8 +66,7 @@ def run_recalls(landing: str, steps: int = 15, **options) -> tuple[Engine, torch
         logits.append(engine.decode(tok))
         tok = logits[-1].argmax(-1)
     engine.executor.recaller.land_ready()
-    torch.cuda.synchronize()
-    engine.executor.recaller.land_ready()
+    engine.executor.recaller.land_all()  # async: the gathers' shares not sent yet go now
     return engine, torch.stack(logits)
 
 
@@ -220,8 +219,7 @@ def test_async_device_decisions_under_graphs_recall_what_the_policy_decides():
         for _ in range(10):  # step 4 decides (4 pivots): async acts on one a step at 5..8, issues at 6..9
             tok = engine.decode(tok).argmax(-1)
             seen.append((engine.executor.recalls, engine.executor.recalled_rows + engine.executor.moved_rows))
-        torch.cuda.synchronize()
-        engine.executor.recaller.land_ready()
+        engine.executor.recaller.land_all()  # async: the gathers' shares not sent yet go now
         assert not engine.executor.recaller.inflight and engine.eager_steps == 0
         assert torch.equal(engine.kv.lengths.cpu(), engine.kv.host_lengths)
         assert_satellites_match_host(engine)
@@ -237,7 +235,7 @@ def test_a_partial_landing_keeps_its_batch_pages_until_the_compute_stream_read_t
     and the side stream, which does not wait for the compute stream, must not get the
     block back before the gather ran. (Under random drift a side-stream allocation once
     took it first: the tables filled with its values and a tail copy indexed out of bounds.)"""
-    engine = small_engine(True, batch=1, recall_landing="async")
+    engine = small_engine(True, batch=1, recall_landing="async", async_recall_step_bytes=None)  # gathers sent at once
     policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6, trigger=Never())
     engine.prefill_random([1500], policy, max_new_tokens=8)
     exe, rec = engine.executor, engine.executor.recaller
