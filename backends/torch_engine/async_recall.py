@@ -189,11 +189,13 @@ class AsyncRecalls:
         none; the engine passes it when the next step ends with a decision). A batch none
         of whose heads will land any more (all replaced by newer recalls) sends nothing
         more."""
+        self._budget = 0 if quiet else self.step_rows
+        if not self._queue:
+            return
         live = {id(x.batch) for x in self.inflight.values()}
         for batch in [b for b in self._queue if id(b) not in live]:
             batch.total = batch.sent  # its copy is not needed: its pages go back once the sent part is done
             self._queue.remove(batch)
-        self._budget = 0 if quiet else self.step_rows
         self._spend()
 
     def _spend(self) -> None:
