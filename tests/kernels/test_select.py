@@ -116,14 +116,15 @@ def test_backend_choice() -> None:
 
 
 # Each case: R = 3 rows of L = 1000, with block 256 (four histogram programs a row, the
-# last one partial, so the atomics add across programs; sparse last passes and block histograms
-# both) and the default block (one masked
+# last one partial, so the atomics add across programs; sparse last passes, block histograms,
+# and sparse passes that fall back to block histograms for rows with many elements under the
+# prefix: limit 0 for every row, 100 for some) and the default block (one masked
 # program). Rows: ties from a small set with zeros, many exponents (subnormals, zeros,
 # huge values, -0.0), uniform. Both results come back as int32 bits and must be equal.
 INTERPRETER_SCRIPT = r"""
 import json, torch
 from hcpolicy.kernels.select import kth_largest_reference
-from hcpolicy.kernels._select_triton import BLOCK, kth_largest_triton
+from hcpolicy.kernels._select_triton import BLOCK, SPARSE_LIMIT, kth_largest_triton
 gen = torch.Generator().manual_seed(0)
 x = torch.empty(3, 1000)
 x[0] = torch.randint(0, 5, (1000,), generator=gen).float() / 8  # {0, 1/8, ..., 1/2}
@@ -135,9 +136,9 @@ x[2] = torch.rand(1000, generator=gen)
 x[2, 500:700] = x[2, 100]  # a long run of one value
 ks = [1, 2, 3, 41, 333, 500, 640, 999, 1000, torch.tensor([7, 950, 300])]
 results = []
-for block, sparse in ((256, True), (256, False), (BLOCK, True)):
+for block, sparse, limit in ((256, True, SPARSE_LIMIT), (256, True, 0), (256, False, SPARSE_LIMIT), (BLOCK, True, 100)):
     for k in ks:
-        got = kth_largest_triton(x, k, block=block, sparse=sparse)
+        got = kth_largest_triton(x, k, block=block, sparse=sparse, sparse_limit=limit)
         ref = kth_largest_reference(x, k)
         results.append(dict(block=block, k=k.tolist() if isinstance(k, torch.Tensor) else k,
                             got=got.values.view(torch.int32).tolist(), ref=ref.values.view(torch.int32).tolist(),
@@ -151,7 +152,7 @@ def test_triton_kernels_under_interpreter() -> None:
     # masked tl.histogram arrived in triton 3.4
     results = run_interpreted(INTERPRETER_SCRIPT, timeout=180, unsupported=(
         ("histogram() got an unexpected keyword argument 'mask'", "triton {triton} has no masked tl.histogram"),))
-    assert len(results) == 30
+    assert len(results) == 40
     for r in results:
         assert r["got"] == r["ref"] and r["got_ties"] == r["ref_ties"], r
     assert {t for r in results for t in r["ref_ties"]} - {1}, "no case had ties"
