@@ -190,13 +190,17 @@ class AsyncRecalls:
         of whose heads will land any more (all replaced by newer recalls) sends nothing
         more."""
         self._budget = 0 if quiet else self.step_rows
-        if not self._queue:
-            return
+        if self._queue:
+            self._drop_dead()
+            self._spend()
+
+    def _drop_dead(self) -> None:
+        """Queued batches none of whose heads will land (all replaced) send nothing more:
+        their pages go back once the part sent is done."""
         live = {id(x.batch) for x in self.inflight.values()}
         for batch in [b for b in self._queue if id(b) not in live]:
-            batch.total = batch.sent  # its copy is not needed: its pages go back once the sent part is done
+            batch.total = batch.sent
             self._queue.remove(batch)
-        self._spend()
 
     def _spend(self) -> None:
         while self._queue and (self._budget is None or self._budget > 0):
@@ -240,6 +244,7 @@ class AsyncRecalls:
             over = self.max_pages is not None and inflight + need > self.max_pages
             return over or self.kv.allocator.free_pages < need
 
+        self._drop_dead()  # a batch this issue just replaced whole copies nothing more
         while self._retired and short():  # replaced recalls' pages first: nothing lands
             self._finish(self._retired[0].batch)
             self.reap()

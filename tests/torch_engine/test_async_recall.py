@@ -218,11 +218,11 @@ print("RESULTS " + json.dumps(out))
     assert res["none"]["held"] > 0 and sum(res["none"]["facts"][3:6]) > 0  # both kinds of row occur
 
 
-def paced(model, step_rows: int | None):
+def paced(model, step_rows: int | None, **options):
     """An async engine whose monitor never fires (tau 0), its gathers sent ``step_rows``
     entries per decode step (None: whole batches), one token decoded."""
     engine = small_engine(model, observe="deferred", recall_landing="async", async_recall_step_bytes=(
-        None if step_rows is None else step_rows * 2 * model.config.head_dim * 4))  # float32 rows  # fmt: skip
+        None if step_rows is None else step_rows * 2 * model.config.head_dim * 4), **options)  # float32 rows  # fmt: skip
     policy = HeteroCachePolicy(profile=synthetic_profile(engine.spec), compression=0.6,
                                trigger=WindowedOverlap(tau=0.0))  # fmt: skip
     engine.prefill(ids(90, seed=3), policy, max_new_tokens=40)
@@ -323,3 +323,23 @@ def test_past_rows_counts_only_the_rows_each_head_moves():
             left = [e for e in rows_at if e >= start]
             assert got == min(rows, len(left))
             assert [e for e in rows_at if start <= e < end] == left[:got], (start, rows, end)
+
+
+def test_a_batch_replaced_while_pages_run_short_is_not_sent_to_free_them(model):
+    """When a new recall replaces every head of a queued batch and the in-flight bound says
+    there is no room, the replaced batch's pages come back without its gather being sent."""
+    probe = paced(model, 16)
+    alloc = probe.kv.allocator
+    free = alloc.free_pages
+    probe.executor.apply(recalls_of_every_layer(probe, seed=1))
+    batch = free - alloc.free_pages
+    engine = paced(model, 16, num_pages=alloc.num_pages - free + batch + batch // 2)  # room for 1.5 batches
+    rec = engine.executor.recaller
+    engine.executor.apply(recalls_of_every_layer(engine, seed=1))
+    (first,) = rec.async_._queue
+    engine.executor.apply(recalls_of_every_layer(engine, seed=2))
+    assert first.sent == first.total == 0  # nothing of it was sent to make room
+    (second,) = rec.async_._queue
+    assert second is not first and len(rec.inflight) == 2 * engine.mc.num_layers
+    rec.async_.reap()
+    assert not rec.async_._retired  # every page of the replaced batch is back
