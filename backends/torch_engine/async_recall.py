@@ -222,7 +222,7 @@ class AsyncRecalls:
                 stream.wait_event(batch.planned)
                 for t in batch.rows:  # made on the side stream: not reused before this chunk ran
                     t.record_stream(stream)
-            recall_rows(kv.kv, view, *batch.rows, lo=lo, hi=hi)
+            recall_rows(kv.kv, view, *batch.rows, self.exe.runtime.gather_shape(), lo=lo, hi=hi)
         batch.sent = hi
         if view.transfer.event is not None:
             batch.event = view.transfer.event

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import attrs
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,26 +28,6 @@ if TYPE_CHECKING:
     from .kv import PagedKV
 
 Key = tuple[int, int, int]  # (layer, sequence, KV head)
-
-
-@attrs.frozen
-class GatherShape:
-    """The recall gather's launch: ``ctas`` programs (SMs taken from the decode steps while
-    copies are in flight), each moving ``tile_words`` words per pass with ``warps`` warps
-    (the bytes each program keeps in flight across PCIe)."""
-
-    ctas: int = 16
-    warps: int = 8
-    tile_words: int = 4096
-
-    def __attrs_post_init__(self) -> None:
-        if self.ctas < 1 or self.warps not in (1, 2, 4, 8, 16, 32) or self.tile_words < 2:
-            raise ValueError(f"a gather needs ctas >= 1, warps a power of two <= 32 and tile_words >= 2, got {self}")
-        if self.tile_words & (self.tile_words - 1):
-            raise ValueError(f"tile_words must be a power of two, got {self.tile_words}")
-
-
-GATHER = GatherShape()  # benches may set another
 
 
 class OffloadedIndex:
@@ -154,11 +133,13 @@ def plan_rows_torch(want: torch.Tensor, n: torch.Tensor, held: torch.Tensor, cap
 
 
 def recall_rows(pool: torch.Tensor, view: "HostRows", dst: torch.Tensor, pool_src: torch.Tensor,
-                host_rows: torch.Tensor, lo: int = 0, hi: int | None = None) -> None:  # fmt: skip
+                host_rows: torch.Tensor, shape: tuple[int, int, int], lo: int = 0,
+                hi: int | None = None) -> None:  # fmt: skip
     """pool rows dst <- pool rows pool_src (>= 0) or host row host_rows of the head (row m
     of the [M, K] arguments is ``view``'s key m); dst < 0 skips an entry. pool: [R, 2, D];
     dst, pool_src, host_rows: [M, K] int64 (device). Only the flat entries [lo, hi) move
-    (hi None: all), so a batch's gather can go out in chunks."""
+    (hi None: all), so a batch's gather can go out in chunks. ``shape``: the Triton
+    launch's (programs, warps, words per pass), ``TransferRuntime.gather_shape``."""
     words = pool.view(-1).view(torch.uint8).view(view.word)  # [R * row_words]
     per_head = dst.shape[1]
     hi = dst.numel() if hi is None else hi
@@ -167,8 +148,9 @@ def recall_rows(pool: torch.Tensor, view: "HostRows", dst: torch.Tensor, pool_sr
     if pool.is_cuda and have_triton():
         from ._recall_triton import recall_rows_triton
 
-        recall_rows_triton(words, view.flat, dst, pool_src, host_rows, starts, per_head, view.row_words, GATHER.ctas,
-                           tile_words=GATHER.tile_words, warps=GATHER.warps, lo=lo, hi=hi)  # fmt: skip
+        ctas, warps, tile_words = shape
+        recall_rows_triton(words, view.flat, dst, pool_src, host_rows, starts, per_head, view.row_words, ctas,
+                           tile_words=tile_words, warps=warps, lo=lo, hi=hi)  # fmt: skip
         return
     rows = words.view(-1, view.row_words)  # boolean indexing below syncs: CPU, or CUDA without triton
     dst, pool_src = dst[lo:hi], pool_src[lo:hi]

@@ -52,10 +52,11 @@ from typing import Any, Callable
 
 import torch
 
-from hcpolicy.backends.torch_engine import Engine, EngineConfig, ModelConfig, random_model, recall_plan
+from hcpolicy.backends.torch_engine import Engine, EngineConfig, ModelConfig, random_model
 from hcpolicy.backends.torch_engine.bench import bandwidth, hf_model
 from hcpolicy.bench.hf_decode import llama_like_profile
 from hcpolicy.policy.heterocache import HeteroCachePolicy
+from hcpolicy.runtime import TransferRuntime
 
 PARTS = ("a", "b", "c", "c_hf", "d", "e")
 KINDS = ("plain", "decision", "recall", "in_flight", "landing")  # see decode_times
@@ -240,6 +241,9 @@ def engine_cell(model: Any, context: int, batch: int, policy: Any, steps: int, w
     options = {} if args is None else engine_options(args)
     engine = Engine(model, EngineConfig(max_batch_size=batch, max_seq_len=context + new, num_pages=num_pages,
                                         **options))  # fmt: skip
+    if args is not None:  # the async recall gathers launch as the engine's runtime says
+        rt = engine.runtime
+        rt.gather_ctas, rt.gather_warps, rt.gather_tile_words = args.gather_shape
     if args is not None and args.drift == "realistic" and policy is not None:
         if engine.config.device_decisions is False:
             engine.query_hook = RandomWalkQueries(args.drift_sigma)
@@ -447,7 +451,8 @@ def main() -> None:
     parser.add_argument("--device-decisions", choices=("auto", "on", "off"), default="auto",
                         help="HeteroCache's drift windows scored on the device (EngineConfig.device_decisions)")
     parser.add_argument("--gather", default=None, metavar="CTAS,WARPS,TILE_WORDS",
-                        help="launch of the async recall gather (default: recall_plan.GATHER)")
+                        help="the engines' runtime gather launch, which the async recall gathers use "
+                             "(default: TransferRuntime's)")
     parser.add_argument("--recall-step-mb", type=float, default=EngineConfig().async_recall_step_bytes / (1 << 20),
                         help="MiB the async recall gathers write per decode step (0: whole batches at once)")
     parser.add_argument("--priority", type=int, default=0,
@@ -455,23 +460,24 @@ def main() -> None:
     parser.add_argument("--per-step-observations", action="store_true",
                         help="call the policy every step (not once per decode_period)")
     args = parser.parse_args()
-    if args.gather is not None:
-        try:
-            recall_plan.GATHER = recall_plan.GatherShape(*(int(x) for x in args.gather.split(",")))
-        except (TypeError, ValueError) as err:
-            parser.error(f"--gather: {err}")
+    try:  # the runtime's defaults, or the given launch checked as the runtime checks it
+        names = ("gather_ctas", "gather_warps", "gather_tile_words")
+        given = {} if args.gather is None else dict(zip(names, (int(x) for x in args.gather.split(",")), strict=True))
+        args.gather_shape = TransferRuntime("cpu", **given).gather_shape()
+    except ValueError as err:
+        parser.error(f"--gather: {err}")
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         parser.error(f"unknown parts {unknown}; known: {PARTS}")
     if not torch.cuda.is_available():
         parser.error("this bench needs a CUDA device")
-    path, g = Path(args.output), recall_plan.GATHER
+    path, g = Path(args.output), args.gather_shape
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                "args": vars(args), "command": "python3 -m hcpolicy.bench.engine_decode " +
                                f"--parts {args.parts} --drift {args.drift} --drift-sigma {args.drift_sigma} "
                                f"--recall-landing {args.recall_landing} --steps {args.steps} --fused {args.fused} "
-                               f"--priority {args.priority} --gather {g.ctas},{g.warps},{g.tile_words} "
+                               f"--priority {args.priority} --gather {g[0]},{g[1]},{g[2]} "
                                f"--recall-step-mb {args.recall_step_mb:g} "
                                f"--output {path.name}"}  # fmt: skip
 

@@ -31,6 +31,7 @@ import torch
 
 from hcpolicy.backends.torch_engine import Engine, EngineConfig, ModelConfig, random_model
 from hcpolicy.bench.engine_decode import StepRandomWalk, hetero, warm_up
+from hcpolicy.runtime import TransferRuntime
 
 
 def profiled_step(engine: Engine, tok: torch.Tensor) -> dict[str, Any]:
@@ -204,7 +205,8 @@ def main() -> None:
     model = random_model(config, device="cuda", dtype=torch.bfloat16)
     warm = argparse.Namespace(drift="realistic", drift_sigma=args.drift_sigma, fused="auto", recall_landing="async",
                               per_step_observations=False, device_decisions="auto", compression=0.5,
-                              recall_step_mb=EngineConfig().async_recall_step_bytes / (1 << 20))  # fmt: skip
+                              recall_step_mb=EngineConfig().async_recall_step_bytes / (1 << 20),
+                              gather_shape=TransferRuntime("cpu").gather_shape())  # fmt: skip
     warm_up(model, config, warm)  # compiles what the first recall would
     new = 3 * args.steps + args.unsynced + 16
     engine = Engine(model, EngineConfig(max_seq_len=args.context + new, recall_landing="async"))

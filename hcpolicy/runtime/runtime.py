@@ -142,6 +142,11 @@ class TransferRuntime:
             raise ValueError(f"gather_tile_words must be a power of two in [2, 32768], got {tile!r}")
         return self.gather_kernel, self.gather_ctas, warps, tile
 
+    def gather_shape(self) -> tuple[int, int, int]:
+        """(programs, warps, words per pass) of the triton zero-copy gather, checked: a
+        caller's own gather under ``reading_rows`` launches the same way."""
+        return self._gather_key()[1:]
+
     def _priority(self) -> int:
         if self.recall_priority not in RECALL_PRIORITIES:
             raise ValueError(f"recall_priority must be one of {tuple(RECALL_PRIORITIES)}, "
