@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from hcpolicy._device import upload
 from hcpolicy.actions import ActionError, Recall
 
-from .recall_plan import Key, OffloadedIndex, plan_batch, recall_rows, sizes
+from .recall_plan import Key, OffloadedIndex, plan_batch, recall_keys, recall_rows, sizes
 
 if TYPE_CHECKING:
     from .recall import Recaller
@@ -126,7 +126,7 @@ class AsyncRecalls:
         group: list[Recall] = []
         keys: list[Key] = []  # the group's heads, in order
         for action in actions:
-            mine = self._keys(action)
+            mine = recall_keys(action, self.kv.batch_size, self.exe.host_positions)
             if not set(keys).isdisjoint(mine):
                 self._issue(group, keys)
                 group, keys = [], []
@@ -134,13 +134,6 @@ class AsyncRecalls:
             keys += mine
         if group:
             self._issue(group, keys)
-
-    def _keys(self, action: Recall) -> list[Key]:
-        keys = [(action.layer, b, h) for b in range(self.kv.batch_size) for h in action.heads]
-        for key in keys:
-            if key not in self.exe.host_positions:
-                raise ActionError(f"layer {key[0]} head {key[2]}: Recall without an earlier Offload")
-        return keys
 
     def _issue(self, actions: list[Recall], keys: list[Key]) -> None:
         """One batch: ``keys`` are the actions' heads (layer, sequence, head), in order."""
@@ -228,6 +221,14 @@ class AsyncRecalls:
             batch.event = view.transfer.event
         if not batch.queued:
             self._queue.remove(batch)
+
+    def land_all(self) -> None:
+        """Land every recall in flight now: what their gathers have not sent goes at once and
+        the host waits for the copies (replaced recalls' pages return too)."""
+        for x in list(self._retired):
+            self._finish(x.batch)
+        self.reap()
+        self.land(list(self.inflight), wait=True)
 
     def _finish(self, batch: Batch) -> None:
         """The host waits for all of ``batch``'s gather (what is not sent yet goes now)."""

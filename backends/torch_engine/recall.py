@@ -36,7 +36,7 @@ import torch
 from hcpolicy.actions import ActionError, Recall
 
 from .async_recall import AsyncRecalls
-from .recall_plan import _not_ascending
+from .recall_plan import _not_ascending, recall_keys
 
 if TYPE_CHECKING:
     from .executor import PagedExecutor
@@ -106,10 +106,7 @@ class Recaller:
     def land_all(self) -> None:
         """Land every async recall now: what their gathers have not sent goes at once and
         the host waits for the copies (the end of a run; replaced recalls' pages return)."""
-        for x in list(self.async_._retired):
-            self.async_._finish(x.batch)
-        self.async_.reap()
-        self.async_.land(list(self.inflight), wait=True)
+        self.async_.land_all()
 
     def land_layer(self, layer: int) -> None:
         """Land ``layer``'s async recalls now (the host waits for their copies): an action
@@ -138,10 +135,7 @@ class Recaller:
             self.recall_batch([action])
             return
         kv, exe, layer, heads, sel = self.kv, self.exe, action.layer, list(action.heads), action.selection
-        keys = [(layer, b, h) for b in range(kv.batch_size) for h in heads]
-        for key in keys:
-            if key not in exe.host_positions:
-                raise ActionError(f"layer {layer} head {key[2]}: Recall without an earlier Offload")
+        keys = recall_keys(action, kv.batch_size, exe.host_positions)
         want = sel.indices.to(kv.device)  # [B, H', K]
         valid = sel.valid().to(kv.device)
         plans, flags = [], []

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hcpolicy._device import upload
-from hcpolicy.actions import Recall
+from hcpolicy.actions import ActionError, Recall
 from hcpolicy.kernels._triton import have_triton
 
 if TYPE_CHECKING:
@@ -160,6 +160,16 @@ def recall_rows(pool: torch.Tensor, view: "HostRows", dst: torch.Tensor, pool_sr
     host_src = starts.repeat_interleave(per_head)[lo:hi] + host_rows[lo:hi] * view.row_words
     cols = torch.arange(view.row_words, device=view.flat.device)
     rows[dst[far]] = view.flat[host_src[far].to(view.flat.device).unsqueeze(1) + cols].to(rows.device)
+
+
+def recall_keys(action: Recall, batch: int, offloaded: dict) -> list[Key]:
+    """The (layer, sequence, KV head) keys ``action`` recalls, sequences outer; ActionError
+    for a head with nothing offloaded (``offloaded``: the executor's host positions)."""
+    keys = [(action.layer, b, h) for b in range(batch) for h in action.heads]
+    for key in keys:
+        if key not in offloaded:
+            raise ActionError(f"layer {key[0]} head {key[2]}: Recall without an earlier Offload")
+    return keys
 
 
 def sizes(actions: Sequence[Recall], batch: int) -> list[int]:
