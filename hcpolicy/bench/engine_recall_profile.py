@@ -93,27 +93,30 @@ TIMED = [  # (module, owner, attribute): the host work of a recall step, timed b
 ]
 
 
-def install_timers() -> dict[str, float]:
-    """Wrap each of TIMED so that its wall time (ms, host) adds up in the returned dict."""
-    totals: dict[str, float] = {}
-    for module, owner, name in TIMED:
+def wrap_all(entries: list[tuple[str, str | None, str]], wrapper: Any) -> None:
+    """Replace each (module, owner or None, attribute) by ``wrapper(fn, label)``."""
+    for module, owner, name in entries:
         mod = importlib.import_module(module)
         holder = getattr(mod, owner) if owner else mod
         fn = getattr(holder, name)
-        label = f"{owner}.{name}" if owner else name
+        setattr(holder, name, functools.wraps(fn)(wrapper(fn, f"{owner}.{name}" if owner else name)))
 
-        def wrap(fn=fn, label=label):  # noqa: ANN001, ANN202
-            @functools.wraps(fn)
-            def timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-                t0 = time.perf_counter()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    totals[label] = totals.get(label, 0.0) + (time.perf_counter() - t0) * 1e3
 
-            return timed
+def install_timers() -> dict[str, float]:
+    """Wrap each of TIMED so that its wall time (ms, host) adds up in the returned dict."""
+    totals: dict[str, float] = {}
 
-        setattr(holder, name, wrap())
+    def timer(fn: Any, label: str) -> Any:
+        def timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[label] = totals.get(label, 0.0) + (time.perf_counter() - t0) * 1e3
+
+        return timed
+
+    wrap_all(TIMED, timer)
     return totals
 
 
@@ -142,28 +145,28 @@ MARKED = [  # (module, owner, attribute): what a decode call enqueues on the com
 ]
 
 
-def install_markers(marks: list[tuple[int, str, torch.cuda.Event]], step: list[int]) -> None:
+def install_markers(marks: list[tuple[int, str, torch.cuda.Event]], step: list[int]) -> Any:
     """Wrap each of MARKED so that it records a timing event on the compute stream before
     and after it (no host wait): the device intervals between marks show where the compute
-    stream waits on other streams when the host does not wait for each step."""
-    for module, owner, name in MARKED:
-        holder = getattr(importlib.import_module(module), owner)
-        fn = getattr(holder, name)
+    stream waits on other streams when the host does not wait for each step. Returns the
+    ``mark(label)`` they call (an event of step ``step[0]``)."""
 
-        def wrap(fn=fn, label=f"{owner}.{name}"):  # noqa: ANN001, ANN202
-            @functools.wraps(fn)
-            def marked(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-                for when in ("<", ">"):
-                    if when == ">":
-                        out = fn(*args, **kwargs)
-                    event = torch.cuda.Event(enable_timing=True)
-                    event.record()
-                    marks.append((step[0], when + label, event))
-                return out
+    def mark(label: str) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks.append((step[0], label, event))
 
-            return marked
+    def marker(fn: Any, label: str) -> Any:
+        def marked(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            mark("<" + label)
+            out = fn(*args, **kwargs)
+            mark(">" + label)
+            return out
 
-        setattr(holder, name, wrap())
+        return marked
+
+    wrap_all(MARKED, marker)
+    return mark
 
 
 def unsynced_marks(engine: Engine, tok: torch.Tensor, steps: int) -> list[dict[str, Any]]:
@@ -171,14 +174,12 @@ def unsynced_marks(engine: Engine, tok: torch.Tensor, steps: int) -> list[dict[s
     per step its host ms and the device ms between consecutive marks (label pairs)."""
     marks: list[tuple[int, str, torch.cuda.Event]] = []
     step = [0]
-    install_markers(marks, step)
+    mark = install_markers(marks, step)
     host = []
     torch.cuda.synchronize()
     for i in range(steps):
         step[0] = i
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        marks.append((i, "<decode", event))
+        mark("<decode")
         t0 = time.perf_counter()
         engine.decode(tok)
         host.append((time.perf_counter() - t0) * 1e3)
