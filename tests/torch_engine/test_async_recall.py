@@ -239,14 +239,27 @@ def recalled_entries(engine):
     return out
 
 
+def unpaced_reference(model, seed: int):
+    """An engine that recalled ``recalls_of_every_layer(seed)`` as one whole batch, landed."""
+    whole = paced(model, None)
+    whole.executor.apply(recalls_of_every_layer(whole, seed=seed))
+    assert whole.executor.recaller.land_ready() > 0 and not whole.executor.recaller.inflight
+    return whole
+
+
+def assert_same_recalled(reference, engine) -> None:
+    a, b = recalled_entries(reference), recalled_entries(engine)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert all(torch.equal(x, y) for x, y in zip(a[key], b[key])), key
+
+
 def test_paced_gathers_send_a_share_per_step_and_none_in_decision_steps(model):
     """With ``async_recall_step_bytes`` a batch's gather goes out that many rows at a time,
     one share after each decode step is enqueued (to run under the next), none before a
     step that ends with a decision; it lands once all is sent and done, with the entries of
     an unpaced batch."""
-    whole = paced(model, None)
-    whole.executor.apply(recalls_of_every_layer(whole, seed=1))
-    assert whole.executor.recaller.land_ready() > 0 and not whole.executor.recaller.inflight
+    whole = unpaced_reference(model, seed=1)
     step_rows = 16
     engine = paced(model, step_rows)
     rec = engine.executor.recaller
@@ -266,18 +279,13 @@ def test_paced_gathers_send_a_share_per_step_and_none_in_decision_steps(model):
     assert rec.inflight  # the last share runs under the next step, which lands it
     engine.decode(tok)
     assert not rec.inflight and rec.landed == whole.executor.recaller.landed
-    a, b = recalled_entries(whole), recalled_entries(engine)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert all(torch.equal(x, y) for x, y in zip(a[key], b[key])), key
+    assert_same_recalled(whole, engine)
 
 
 def test_a_replaced_batch_stops_sending(model):
     """A batch all of whose heads a newer recall replaced sends no more of its gather; its
     pages come back once what it sent is done, and the heads end with the newer selection."""
-    whole = paced(model, None)
-    whole.executor.apply(recalls_of_every_layer(whole, seed=2))
-    whole.executor.recaller.land_ready()
+    whole = unpaced_reference(model, seed=2)
     engine = paced(model, 16)
     rec = engine.executor.recaller
     engine.executor.apply(recalls_of_every_layer(engine, seed=1))
@@ -290,26 +298,20 @@ def test_a_replaced_batch_stops_sending(model):
             break
     assert first.total == first.sent == 0  # replaced before any of it went out
     assert not rec.inflight and not rec.async_._retired and not rec.async_._queue
-    a, b = recalled_entries(whole), recalled_entries(engine)
-    for key in a:
-        assert all(torch.equal(x, y) for x, y in zip(a[key], b[key])), key
+    assert_same_recalled(whole, engine)
     engine.release()
     assert engine.kv.allocator.free_pages == engine.kv.allocator.num_pages
 
 
 def test_land_all_sends_what_is_queued_and_lands_it(model):
-    whole = paced(model, None)
-    whole.executor.apply(recalls_of_every_layer(whole, seed=1))
-    whole.executor.recaller.land_ready()
+    whole = unpaced_reference(model, seed=1)
     engine = paced(model, 16)
     rec = engine.executor.recaller
     engine.executor.apply(recalls_of_every_layer(engine, seed=1))
     assert rec.async_._queue and rec.land_ready() == 0
     rec.land_all()
     assert not rec.inflight and not rec.async_._queue and rec.landed == whole.executor.recaller.landed
-    a, b = recalled_entries(whole), recalled_entries(engine)
-    for key in a:
-        assert all(torch.equal(x, y) for x, y in zip(a[key], b[key])), key
+    assert_same_recalled(whole, engine)
 
 
 def test_past_rows_counts_only_the_rows_each_head_moves():
