@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from hcpolicy.backends.torch_engine import Engine, EngineConfig, ModelConfig, random_model
+from hcpolicy.bench.recall import timed
 
 GB = 1e9
 ROW_WORDS = 64  # int64 words of one row: K + V, head_dim 128, bf16
@@ -96,18 +97,8 @@ def step_ms(engine: Engine, tok: torch.Tensor, stream: torch.cuda.Stream) -> flo
 
 def measure(engine: Engine, tok: torch.Tensor, stream: torch.cuda.Stream, side: torch.cuda.Stream,
             fn: Callable[[], None], nbytes: int, repeat: int, max_steps: int) -> dict[str, Any]:  # fmt: skip
-    torch.cuda.synchronize()
-    for _ in range(2):  # compile and warm
-        with torch.cuda.stream(side):
-            fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.cuda.stream(side):
-        a.record()
-        fn()
-        b.record()
-    b.synchronize()
-    alone_ms = a.elapsed_time(b)
+        alone_ms = timed(fn, 1, warmup=2) * 1e3  # two runs compile and warm, then one timed
     start = torch.cuda.Event(enable_timing=True)
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
     with torch.cuda.stream(side):

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hcpolicy.bench.recall import timed
 from hcpolicy.kernels._select_triton import SPARSE_LIMIT, kth_largest_triton
 
 ROWS, LENGTH = 160, 224 * 1024
@@ -38,19 +38,6 @@ def rows(kind: str, gen: torch.Generator) -> torch.Tensor:
     raise ValueError(kind)
 
 
-def timed(fn: Any, reps: int = 20, warmup: int = 3) -> float:
-    times = []
-    for i in range(warmup + reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        if i >= warmup:
-            times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True)
@@ -66,7 +53,7 @@ def main() -> None:
             for name, limit in (("default", SPARSE_LIMIT), ("atomics_only", 2**31 - 1)):
                 got = kth_largest_triton(x, k, sparse_limit=limit)
                 row[f"{name}_equal_topk"] = bool(torch.equal(got.values, expected))
-                row[f"{name}_ms"] = timed(lambda: kth_largest_triton(x, k, sparse_limit=limit))
+                row[f"{name}_ms"] = timed(lambda: kth_largest_triton(x, k, sparse_limit=limit), 20, warmup=3) * 1e3
             out["cases"].append(row)
             print(json.dumps(row), flush=True)
     path = Path(args.output)
