@@ -8,16 +8,46 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-import torch
-import transformers
-from transformers.cache_utils import Cache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import AttentionInterface
+from packaging.version import Version
 
-from hcpolicy.spec import ModelSpec
+
+def broken_pair(transformers_version: str, kernels_version: str | None) -> str | None:
+    """Why this transformers / kernels pair cannot import, or None if it can.
+
+    transformers before 5.13 builds its hub-kernel table at import with arguments kernels
+    0.15 removed, so ``import transformers.modeling_utils`` raises there."""
+    if kernels_version is None or Version(transformers_version) >= Version("5.13"):
+        return None
+    if Version(kernels_version) < Version("0.15"):
+        return None
+    return (
+        f"transformers {transformers_version} cannot import with kernels {kernels_version} installed: "
+        'pip install "kernels<0.15" (or transformers>=5.13)'
+    )
+
+
+def _installed(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+_broken = broken_pair(_installed("transformers") or "0", _installed("kernels"))
+if _broken:
+    raise ImportError(_broken)
+
+import torch  # noqa: E402  (the check above must run before transformers imports)
+import transformers  # noqa: E402
+from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: E402
+from transformers.modeling_utils import AttentionInterface  # noqa: E402
+
+from hcpolicy.spec import ModelSpec  # noqa: E402
 
 __all__ = [
     "Cache",
