@@ -1,12 +1,18 @@
-"""attrs validators shared by the records; each raises ValueError with the field's name."""
+"""attrs validators shared by the records; each raises ValueError with the field's name.
+
+torch is imported only by the tensor validators, when they first run: records that hold no
+tensors (results, tasks, specs, profiles) load without it, which keeps ``hc`` quick to start.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def positive(_inst: Any, attribute: attrs.Attribute, value: int | float) -> None:
@@ -45,6 +51,8 @@ def tensor(*, ndim: int, dtype: torch.dtype | None = None):
     """Validator: a torch.Tensor with ``ndim`` dimensions (and ``dtype`` when given)."""
 
     def check(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        import torch  # already imported by whoever made the tensor
+
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{attribute.name} must be a torch.Tensor, got {type(value).__name__}")
         if value.ndim != ndim:
