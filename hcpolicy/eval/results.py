@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -177,7 +177,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
     A crash mid-write leaves the old file whole: readers see the old or the new content.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    # mode 0666 less the umask, as open() gives (mkstemp's 0600 hid results from the group)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

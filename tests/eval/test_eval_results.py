@@ -103,6 +103,17 @@ def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.json"]  # no temp files left
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_results_files_get_the_mode_open_would_give(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        ResultStore(tmp_path).add(record())
+    finally:
+        os.umask(previous)
+    for name in ("results.json", "results.csv"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_bad_results_files_are_reported(tmp_path):
     (tmp_path / "results.json").write_text('{"not": "a list"}')
     with pytest.raises(ValueError, match="JSON list"):
