@@ -95,6 +95,20 @@ class HFBackend:
             out = self.model.generate(input_ids, **{compat.cache_kwarg(self.model): cache}, **kwargs)
         return out, cache
 
+    @staticmethod
+    def model_name(model: str | None) -> str:
+        """The ``model_name`` that ``evaluator(model)`` will report, known before loading."""
+        from .loading import DEFAULT_MODEL
+
+        return model or DEFAULT_MODEL
+
+    @staticmethod
+    def context_limit(model: str | None) -> int | None:
+        """The most tokens ``model`` attends over, read from its config without loading it."""
+        from .model_config import context_limit
+
+        return context_limit(model)
+
     @classmethod
     def evaluator(cls, model: str | None) -> "HFEvaluator":
         """Load ``model`` (None: the embedded default) and wrap it for ``hc evaluate``."""

@@ -1,0 +1,93 @@
+"""A model's context limit, read from its config without loading weights.
+
+``hc evaluate`` checks ``--context-length`` with it before the model loads. GGUF files (the
+embedded default included) carry it in their metadata as ``{architecture}.context_length``;
+folders and hub ids in ``config.json`` (``max_position_embeddings``, through AutoConfig).
+``gguf.GGUFReader`` would parse every field, the 49k-entry vocabulary included (5 s for the
+default model); ``gguf_context_length`` reads the header only up to the key it needs.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+from .loading import DEFAULT_MODEL, default_gguf
+
+_MAGIC = b"GGUF"
+# GGUF metadata value types (gguf.GGUFValueType): scalar formats, little-endian
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def context_limit(model: str | None) -> int | None:
+    """Most tokens ``model`` (as ``loading.load`` takes it) attends over; None when its config
+    cannot be read here (a missing file, no network): loading then says why."""
+    name = model or DEFAULT_MODEL
+    if name == DEFAULT_MODEL:
+        return gguf_context_length(default_gguf())
+    if name.endswith(".gguf"):
+        return gguf_context_length(Path(name)) if Path(name).is_file() else None
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+    if looks_local and not Path(name).expanduser().is_dir():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError):
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def gguf_context_length(path: Path) -> int | None:
+    """``{general.architecture}.context_length`` of a GGUF file (v2 or later), or None."""
+    with open(path, "rb") as f:
+        if f.read(4) != _MAGIC:
+            raise ValueError(f"{path} is not a GGUF file")
+        (version,) = _unpack(f, "<I")
+        if version < 2:  # v1 counted with 32-bit integers; llama.cpp dropped it in 2023
+            return None
+        _tensors, count = _unpack(f, "<QQ")
+        architecture = None
+        for _ in range(count):
+            key = _string(f)
+            (kind,) = _unpack(f, "<I")
+            value = _value(f, kind)
+            if key == "general.architecture":
+                architecture = value
+            elif architecture is not None and key == f"{architecture}.context_length":
+                return int(value)
+    return None
+
+
+def _unpack(f: BinaryIO, fmt: str) -> tuple:
+    size = struct.calcsize(fmt)
+    data = f.read(size)
+    if len(data) != size:
+        raise ValueError(f"{f.name} ends inside its GGUF header")
+    return struct.unpack(fmt, data)
+
+
+def _string(f: BinaryIO) -> str:
+    (length,) = _unpack(f, "<Q")
+    return f.read(length).decode("utf-8", errors="replace")
+
+
+def _value(f: BinaryIO, kind: int) -> object:
+    """A scalar or string value; arrays are skipped (None)."""
+    if kind in _SCALARS:
+        return _unpack(f, _SCALARS[kind])[0]
+    if kind == _STRING:
+        return _string(f)
+    if kind != _ARRAY:
+        raise ValueError(f"{f.name}: unknown GGUF value type {kind}")
+    item, count = _unpack(f, "<IQ")
+    if item in _SCALARS:
+        f.seek(count * struct.calcsize(_SCALARS[item]), 1)
+    else:
+        for _ in range(count):
+            _value(f, item)
+    return None
