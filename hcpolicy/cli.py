@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import attrs
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from hcpolicy import __version__
-from hcpolicy.policy.factory import build_policy, default_profile_path
-from hcpolicy.profile import HeadProfile, Role
-from hcpolicy.registry import BACKENDS, POLICIES
+from hcpolicy.registry import BACKENDS, POLICIES, Registry
+
+if TYPE_CHECKING:  # torch-backed modules are imported inside the commands that use them
+    from hcpolicy.eval.runner import EvalPlan
+    from hcpolicy.profile import HeadProfile
 
 app = typer.Typer(
     help="hcpolicy: head-heterogeneous KV-cache compression (HeteroCache) and baselines.",
@@ -23,6 +23,7 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+ANSWER_TOKENS = 128  # room kept above --context-length for the question's answer
 
 
 @app.callback()
@@ -30,55 +31,33 @@ def main() -> None:
     """hcpolicy command line."""
 
 
-def summary(obj: object) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.splitlines()[0] if doc else ""
-
-
-def option_list(cls: type) -> str:
-    """Constructor options of an attrs class as ``name=default``; required ones marked."""
-    if not attrs.has(cls):
-        return ""
-    parts = []
-    for field in attrs.fields(cls):
-        if not field.init:
+def registry_table(registry: Registry, title: str, *, options: bool = False) -> Table:
+    """One row per registered name; described from source, so nothing heavy is imported."""
+    table = Table(title=title, show_lines=options)
+    for column in ("name", "description", "options")[: 3 if options else 2]:
+        table.add_column(column, overflow="fold")
+    for name in registry.names():
+        try:
+            found = registry.describe(name)
+        except Exception as err:  # a broken third-party plugin must not hide the others
+            table.add_row(name, f"[red]failed to load: {err}[/red]", *([""] if options else []))
             continue
-        name = field.alias or field.name
-        if field.default is attrs.NOTHING:
-            parts.append(f"{name} (required)")
-        elif isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
-            parts.append(f"{name}={field.default.factory.__name__}()")
-        else:
-            parts.append(f"{name}={field.default!r}")
-    return ", ".join(parts)
+        summary = found.summary.replace("``", "")  # docstrings' literal markup, not for a terminal
+        table.add_row(name, summary, *([found.options] if options else []))
+    return table
 
 
 @app.command("list")
 def list_registered() -> None:
-    """List the registered policies (with their options) and backends."""
-    policies = Table(title=f"Policies (hcpolicy {__version__})", show_lines=True)
-    for column in ("name", "description", "options"):
-        policies.add_column(column, overflow="fold")
-    for name in POLICIES.names():
-        try:
-            cls = POLICIES.get(name)
-        except Exception as err:  # a broken third-party plugin must not hide the others
-            policies.add_row(name, f"[red]failed to load: {err}[/red]", "")
-            continue
-        policies.add_row(name, summary(cls), option_list(cls))
-    console.print(policies)
-    backends = Table(title="Backends")
-    backends.add_column("name")
-    backends.add_column("description")
-    for name in BACKENDS.names():
-        try:
-            backends.add_row(name, summary(BACKENDS.get(name)))
-        except Exception as err:
-            backends.add_row(name, f"[red]failed to load: {err}[/red]")
+    """List the registered policies (with their options), tasks and backends."""
+    from hcpolicy.eval.tasks import TASKS
+
+    console.print(registry_table(POLICIES, f"Policies (hcpolicy {__version__})", options=True))
+    console.print(registry_table(TASKS, "Tasks"))
     if not BACKENDS.names():
         console.print("Backends: none registered in this installation.")
     else:
-        console.print(backends)
+        console.print(registry_table(BACKENDS, "Backends"))
 
 
 class UserError(Exception):
@@ -116,6 +95,8 @@ def backend_class(name: str) -> Any:
 
 
 def print_roles(profile: HeadProfile) -> None:
+    from hcpolicy.profile import Role
+
     counts = profile.role_counts()
     table = Table(title="Head roles (KV heads over all layers)")
     for column in ("anchor", "volatile", "pivot", "satellite", "full KV on device"):
@@ -158,6 +139,103 @@ def profile_command(
     print_roles(profile)
 
 
+def evaluation_plan(
+    policy: str | None, compression: str, task: str | None, protocol: str,
+    context_length: int, samples: int, seed: int, batch_size: int,
+) -> EvalPlan:  # fmt: skip
+    """The run the flags ask for, every flag checked (and named when wrong)."""
+    from hcpolicy.eval import TASKS
+
+    policies = known(split(policy) if policy is not None else POLICIES.names(), POLICIES, "--policy")
+    tasks = known(split(task) if task is not None else TASKS.names(), TASKS, "--task")
+    try:
+        compressions = [float(c) for c in split(compression)]
+    except ValueError:
+        raise UserError(f"--compression must be a comma list of numbers, got {compression!r}") from None
+    if not compressions:
+        raise UserError("--compression names no compression")
+    for c in compressions:
+        if not 0.0 < c <= 1.0:
+            raise UserError(f"--compression {c:g} is not a fraction of the full KV in (0, 1]")
+    protocols = split(protocol)
+    for p in protocols or [""]:
+        if p not in ("agnostic", "aware"):
+            raise UserError(f"unknown protocol {p!r}; use agnostic, aware or both")
+    for flag, value, least in (("--context-length", context_length, 1), ("--samples", samples, 1),
+                               ("--batch-size", batch_size, 1), ("--seed", seed, 0)):  # fmt: skip
+        if value < least:
+            raise UserError(f"{flag} must be an integer >= {least}, got {value}")
+    from hcpolicy.eval.runner import EvalPlan  # imports torch: after the checks, so typos fail fast
+
+    return EvalPlan(
+        policies=policies, compressions=compressions, tasks=tasks, protocols=protocols,
+        context_length=context_length, samples=samples, seed=seed, batch_size=batch_size,
+    )  # fmt: skip
+
+
+def known(names: list[str], registry: Registry, flag: str) -> list[str]:
+    if not names:
+        raise UserError(f"{flag} names no {registry.kind}")
+    for name in names:
+        if name not in registry:
+            raise UserError(f"unknown {registry.kind} {name!r}; known: {', '.join(registry.names())}")
+    return names
+
+
+def evaluating_backend(name: str) -> Any:
+    """The backend class, if it can run ``hc evaluate`` (it has an ``evaluator``)."""
+    cls = backend_class(name)
+    if callable(getattr(cls, "evaluator", None)):
+        return cls
+    able = [other for other in BACKENDS.names() if other != name and has_evaluator(other)]
+    raise UserError(f"backend {name!r} cannot run hc evaluate yet; backends that can: {', '.join(able) or 'none'}")
+
+
+def has_evaluator(name: str) -> bool:
+    try:
+        return callable(getattr(BACKENDS.get(name), "evaluator", None))
+    except ImportError:  # its extra packages are missing
+        return False
+
+
+def check_context(context_length: int, limit: int | None) -> None:
+    if limit is not None and context_length + ANSWER_TOKENS > limit:
+        raise UserError(f"--context-length {context_length} plus the answer exceeds the model's limit of {limit} tokens")
+
+
+def read_profile(path: Path) -> HeadProfile:
+    """The profile at ``path``, its shape and format checked (its model is checked after load)."""
+    from hcpolicy.profile import HeadProfile
+
+    if not path.is_file():
+        raise UserError(f"no profile at {path}")
+    try:
+        return HeadProfile.load(path)
+    except ValueError as err:
+        raise UserError(f"--profile {path}: {err}") from None
+
+
+def check_something_runs(plan: EvalPlan, factory: Callable[[str, float], Any]) -> None:
+    """Fail before the model loads when every policy refuses every compression."""
+    from hcpolicy.eval.runner import FULL, Skipped
+
+    refused = []
+    for name in plan.policies:
+        for c in (1.0,) if name == FULL else plan.compressions:
+            try:
+                factory(name, c)
+                return
+            except ValueError as err:
+                refused.append(Skipped(name, c, str(err)))
+    raise UserError(f"nothing to run: {refusals(refused)}")
+
+
+def refusals(skipped: list[Any]) -> str:
+    if not skipped:
+        return "no cell produced a record"
+    return "; ".join(f"{s.policy} refused --compression {s.compression:g} ({s.reason})" for s in skipped)
+
+
 @app.command("evaluate")
 @fail_cleanly
 def evaluate_command(
@@ -175,40 +253,31 @@ def evaluate_command(
     output_dir: Path = typer.Option(Path("hc-results"), help="results.json, results.csv and plots go here"),
 ) -> None:
     """Score policies on long-context tasks at several compressions; write JSON, CSV and plots."""
-    from hcpolicy.eval import TASKS, ResultStore
+    plan = evaluation_plan(policy, compression, task, protocol, context_length, samples, seed, batch_size)
+    from hcpolicy.eval import ResultStore
     from hcpolicy.eval.report import plot, print_table
-    from hcpolicy.eval.runner import EvalPlan, run
+    from hcpolicy.eval.runner import run
+    from hcpolicy.policy.factory import build_policy, default_profile_path
 
-    policies = split(policy) if policy else POLICIES.names()
-    for name in policies:
-        if name not in POLICIES:
-            raise UserError(f"unknown policy {name!r}; known: {', '.join(POLICIES.names())}")
-    tasks = split(task) if task else TASKS.names()
-    for name in tasks:
-        if name not in TASKS:
-            raise UserError(f"unknown task {name!r}; known: {', '.join(TASKS.names())}")
-    try:
-        compressions = [float(c) for c in split(compression)]
-    except ValueError:
-        raise UserError(f"--compression must be a comma list of numbers, got {compression!r}") from None
-    plan = EvalPlan(
-        policies=policies, compressions=compressions, tasks=tasks, protocols=split(protocol),
-        context_length=context_length, samples=samples, seed=seed, batch_size=batch_size,
-    )  # fmt: skip
-    for p in plan.protocols:
-        if p not in ("agnostic", "aware"):
-            raise UserError(f"unknown protocol {p!r}; use agnostic, aware or both")
-    if profile is not None and not profile.is_file():
-        raise UserError(f"no profile at {profile}")
-    generator = backend_class(backend).evaluator(model)
-    limit = generator.max_context
-    if limit is not None and context_length + 128 > limit:
-        raise UserError(f"--context-length {context_length} plus the answer exceeds the model's limit of {limit} tokens")
-    profile_path = profile or default_profile_path(generator.model_name)
-    loaded = HeadProfile.load(profile_path, spec=generator.backend.spec) if profile_path else None
+    evaluator = evaluating_backend(backend)
+    context_limit = getattr(evaluator, "context_limit", None)  # the model's limit, read without loading it
+    if callable(context_limit):
+        check_context(context_length, context_limit(model))
+    model_name = getattr(evaluator, "model_name", None)  # known before loading: the shipped profile is too
+    profile_path = profile or (default_profile_path(model_name(model)) if callable(model_name) else None)
+    loaded = read_profile(profile_path) if profile_path else None  # its shape and format, before the model
 
     def factory(name: str, c: float) -> Any:
         return build_policy(name, c, profile=loaded)
+
+    if loaded is not None:
+        check_something_runs(plan, factory)
+    generator = evaluator.evaluator(model)
+    check_context(context_length, generator.max_context)
+    if loaded is None and (shipped := default_profile_path(generator.model_name)):
+        loaded = read_profile(shipped)  # a backend that cannot name its model before loading it
+    if loaded is not None:
+        loaded.check(generator.backend.spec)  # the fingerprint needs the loaded model's spec
 
     store = ResultStore(output_dir)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -221,6 +290,8 @@ def evaluate_command(
             bar.update(bars[label], completed=done)
 
         _, skipped = run(plan, generator, factory, store, progress=progress)
+    if not store.records:
+        raise UserError(f"nothing ran, so there is nothing to report: {refusals(skipped)}")
     for s in skipped:
         console.print(f"[yellow]skipped[/yellow] {s.policy} at {s.compression:g}: {s.reason}", soft_wrap=True)
     print_table(store.records, console)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
-from typing import Callable, Generic, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from hcpolicy.describe import Description
 
 T = TypeVar("T")
 
@@ -54,6 +57,16 @@ class Registry(Generic[T]):
             obj = getattr(importlib.import_module(module), attr)
             self._items[name] = obj
         return obj
+
+    def describe(self, name: str) -> Description:
+        """Summary line and options of ``name``: read from source while it is a lazy path, so
+        listing imports nothing heavy; from the object once it is imported."""
+        from hcpolicy.describe import describe, describe_class
+
+        self._load_entry_points()
+        item = self._items.get(name)
+        found = describe(item) if isinstance(item, str) else None
+        return found if found is not None else describe_class(self.get(name))
 
     def names(self) -> list[str]:
         self._load_entry_points()

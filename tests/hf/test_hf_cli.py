@@ -36,11 +36,35 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def test_context_over_the_model_limit(model_dir, tmp_path):
+def test_context_over_the_model_limit(model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the limit is read from config.json, before the model loads")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
     result = runner.invoke(app, ["evaluate", "--model", str(model_dir), "--context-length", "5000",
                                  "--output-dir", str(tmp_path)])  # fmt: skip
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert "exceeds the model's limit of 1024 tokens" in result.output
+
+
+def test_a_run_with_no_records_says_so_in_one_line(model_dir, tmp_path, monkeypatch):
+    """Refusals the pre-load check cannot see (here: switched off) end the run in one line."""
+    import hcpolicy.cli
+
+    spec = ModelSpec("LlamaForCausalLM", 2, 4, 2, 16, max_position=1024)
+    adj = torch.zeros(2, 2, 2, dtype=torch.bool)
+    path = build_profile(spec, torch.tensor([[0.7, 0.1], [0.1, 0.1]]), adj, tau_stable=0.5).save(tmp_path / "p.json")
+    monkeypatch.setattr(hcpolicy.cli, "check_something_runs", lambda plan, factory: None)
+    result = runner.invoke(app, ["evaluate", "--model", str(model_dir), "--policy", "heterocache", "--profile",
+                                 str(path), "--compression", "0.2", "--task", "niah_single", "--context-length",
+                                 "300", "--samples", "1", "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    # transformers' own "Loading weights" bars aside, the run prints one line
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("Loading weights")]
+    assert len(lines) == 1 and lines[0].startswith("error: nothing ran, so there is nothing to report: "
+                                                   "heterocache refused --compression 0.2")  # fmt: skip
 
 
 def test_profile_for_another_model(model_dir, tmp_path):
