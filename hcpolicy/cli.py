@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import attrs
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from hcpolicy import __version__
@@ -236,24 +238,94 @@ def refusals(skipped: list[Any]) -> str:
     return "; ".join(f"{s.policy} refused --compression {s.compression:g} ({s.reason})" for s in skipped)
 
 
+@attrs.frozen
+class Preset:
+    """Defaults of ``hc evaluate`` that an explicit flag overrides."""
+
+    policy: str | None  # None: every registered policy
+    compression: str
+    samples: int
+
+
+# the quick default: the best memory savers of the committed 2K run under either protocol
+QUICK = Preset(policy="full,heterocache,snapkv,pyramidkv,streamingllm", compression="0.5", samples=3)
+EXHAUSTIVE = Preset(policy=None, compression="0.4,0.5", samples=4)
+
+
+def report_finished(plan: EvalPlan, model: str, store: Any, factory: Callable[[str, float], Any]) -> None:
+    """One line on the cells a re-run finds in the results already and skips."""
+    from hcpolicy.eval.runner import build_policies, pending
+
+    labels = list(build_policies(plan, factory)[0])
+    _, done = pending(plan, model, store, labels)
+    if done:
+        names = sorted({f"{c.policy}@{c.compression:g}" for c in done})
+        console.print(
+            f"skipping {len(done)} cells already in {store.json_path} ({', '.join(names)}); "
+            "delete it or use another --output-dir to run them again", soft_wrap=True, highlight=False,
+        )  # fmt: skip
+
+
+@contextmanager
+def progress_display(every_s: float = 10.0) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress callback for ``eval.runner.run``: a bar with an ETA in a terminal, a plain
+    line at most every ``every_s`` seconds (and at the end) elsewhere, e.g. in a CI log."""
+    import time
+
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)  # fmt: skip
+
+    if not console.is_terminal:
+        start, last = time.monotonic(), [-every_s]
+
+        def line(label: str, done: int, total: int) -> None:
+            now = time.monotonic() - start
+            if now - last[0] < every_s and done < total:
+                return
+            last[0] = now
+            eta = f", about {(total - done) * now / done:.0f} s left" if done else ""
+            console.print(f"[{done}/{total} sample runs, {now:.0f} s{eta}] {label}", highlight=False, soft_wrap=True)
+
+        yield line
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("sample runs"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def update(label: str, done: int, total: int) -> None:
+            bar.update(task, description=label, completed=done, total=total)
+
+        yield update
+
+
 @app.command("evaluate")
 @fail_cleanly
 def evaluate_command(
     backend: str = typer.Option("hf", help="backend that runs the model"),
     model: str = typer.Option(None, help="model folder, .gguf file or hub id (default: embedded SmolLM2-135M)"),
-    policy: str = typer.Option(None, help="comma list of policies (default: all registered)"),
-    compression: str = typer.Option("0.4,0.5", help="comma list: fraction of the full KV kept on the device"),
+    policy: str = typer.Option(None, help=f"comma list of policies (default: {QUICK.policy}; with --exhaustive: all registered)"),
+    compression: str = typer.Option(None, help=f"comma list: fraction of the full KV kept on the device (default: {QUICK.compression}; with --exhaustive: {EXHAUSTIVE.compression})"),
     task: str = typer.Option(None, help="comma list of tasks (default: all built-in tasks)"),
     context_length: int = typer.Option(2048, help="prompt length in tokens"),
-    samples: int = typer.Option(4, help="samples per task and protocol"),
+    samples: int = typer.Option(None, help=f"samples per task and protocol (default: {QUICK.samples}; with --exhaustive: {EXHAUSTIVE.samples})"),
     seed: int = typer.Option(0),
     protocol: str = typer.Option("agnostic,aware", help="agnostic (question after compression), aware, or both"),
-    batch_size: int = typer.Option(4, help="samples prefilled together"),
+    batch_size: int = typer.Option(None, help="samples prefilled together (default: all samples of a task and protocol)"),
     profile: Path = typer.Option(None, help="HeadProfile for heterocache (default: the shipped one, if any)"),
     output_dir: Path = typer.Option(Path("hc-results"), help="results.json, results.csv and plots go here"),
+    exhaustive: bool = typer.Option(False, "--exhaustive", help="every registered policy at 0.4 and 0.5, 4 samples (about an hour on 2 CPU cores)"),
 ) -> None:
-    """Score policies on long-context tasks at several compressions; write JSON, CSV and plots."""
-    plan = evaluation_plan(policy, compression, task, protocol, context_length, samples, seed, batch_size)
+    """Score policies on long-context tasks at several compressions; write JSON, CSV and plots.
+
+    With no options: full KV, heterocache and the strongest baselines at compression 0.5 on every built-in task under both protocols (a few minutes on 2 CPU cores)."""
+    preset = EXHAUSTIVE if exhaustive else QUICK
+    policy = policy if policy is not None else preset.policy
+    samples = samples if samples is not None else preset.samples
+    plan = evaluation_plan(
+        policy, compression if compression is not None else preset.compression, task, protocol, context_length,
+        samples, seed, batch_size if batch_size is not None else samples,
+    )  # fmt: skip
     from hcpolicy.eval import ResultStore
     from hcpolicy.eval.report import plot, print_table
     from hcpolicy.eval.runner import run
@@ -280,15 +352,8 @@ def evaluate_command(
         loaded.check(generator.backend.spec)  # the fingerprint needs the loaded model's spec
 
     store = ResultStore(output_dir)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as bar:  # fmt: skip
-        bars: dict[str, Any] = {}
-
-        def progress(label: str, done: int, total: int) -> None:
-            if label not in bars:
-                bars[label] = bar.add_task(label, total=total)
-            bar.update(bars[label], completed=done)
-
+    report_finished(plan, generator.model_name, store, factory)
+    with progress_display() as progress:
         _, skipped = run(plan, generator, factory, store, progress=progress)
     if not store.records:
         raise UserError(f"nothing ran, so there is nothing to report: {refusals(skipped)}")

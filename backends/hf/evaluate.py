@@ -12,7 +12,7 @@ tokens under either protocol; only when compression happens differs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -78,11 +78,12 @@ class HFEvaluator:
         return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def generate(
-        self, samples: Sequence[Sample], protocol: Protocol, policies: Mapping[str, Policy | None]
+        self, samples: Sequence[Sample], protocol: Protocol, policies: Mapping[str, Policy | None], *,
+        on_policy_done: Callable[[str], None] | None = None,
     ) -> dict[str, list[Generation]]:
         """The ``hcpolicy.eval.runner.Generator`` interface."""
         prompts = [self.encode(s.context, s.query_text(), s.max_new_tokens) for s in samples]
-        return self.run(prompts, protocol, policies)
+        return self.run(prompts, protocol, policies, on_policy_done=on_policy_done)
 
     def encode(self, context: str, suffix: str, max_new_tokens: int) -> Prompt:
         return Prompt(
@@ -92,9 +93,11 @@ class HFEvaluator:
         )
 
     def run(
-        self, prompts: Sequence[Prompt], protocol: Protocol, policies: Mapping[str, Policy | None]
+        self, prompts: Sequence[Prompt], protocol: Protocol, policies: Mapping[str, Policy | None], *,
+        on_policy_done: Callable[[str], None] | None = None,
     ) -> dict[str, list[Generation]]:
-        """Greedy answers of every prompt under every policy (None = keep everything)."""
+        """Greedy answers of every prompt under every policy (None = keep everything);
+        ``on_policy_done(label)`` after each policy's answers."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         first = [p.context + (p.suffix if protocol == "aware" else []) for p in prompts]
@@ -108,6 +111,8 @@ class HFEvaluator:
             results = {}
             for label, policy in policies.items():
                 results[label] = self._generate(recorder, policy, prompts, protocol, mask, logits[:, -1])
+                if on_policy_done is not None:
+                    on_policy_done(label)
         recorder.release()
         return results
 

@@ -37,8 +37,12 @@ class Generator(Protocol):
     def count_tokens(self, text: str) -> int: ...
 
     def generate(
-        self, samples: Sequence[Sample], protocol: str, policies: Mapping[str, Policy | None]
-    ) -> Mapping[str, Sequence[GenerationResult]]: ...
+        self, samples: Sequence[Sample], protocol: str, policies: Mapping[str, Policy | None], *,
+        on_policy_done: Callable[[str], None] | None = None,
+    ) -> Mapping[str, Sequence[GenerationResult]]:
+        """Every sample under every policy (label -> policy); ``on_policy_done(label)`` after
+        each policy's generations, so a caller can report progress within a batch."""
+        ...
 
 
 PolicyFactory = Callable[[str, float], Policy | None]
@@ -98,6 +102,32 @@ def make_samples(task: Task, name: str, plan: EvalPlan, count_tokens: Callable[[
     ]
 
 
+@attrs.frozen
+class Pending:
+    """The cells of one task and protocol that a run still has to score."""
+
+    task: str
+    protocol: str
+    labels: tuple[str, ...]
+
+
+def pending(plan: EvalPlan, model: str, store: ResultStore, labels: Sequence[str]) -> tuple[list[Pending], list[Cell]]:
+    """(what is left to run, the finished cells a re-run skips) for policy ``labels``."""
+    todo, done = [], []
+    for task in plan.tasks:
+        for protocol in plan.protocols:
+            left = []
+            for label in labels:
+                cell = _cell(plan, model, task, protocol, *_split(label))
+                if store.has(cell):
+                    done.append(cell)
+                else:
+                    left.append(label)
+            if left:
+                todo.append(Pending(task, protocol, tuple(left)))
+    return todo, done
+
+
 def run(
     plan: EvalPlan,
     generator: Generator,
@@ -106,42 +136,54 @@ def run(
     *,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[list[Record], list[Skipped]]:
-    """Run every unfinished cell of ``plan``; returns (new records, refused policy cells)."""
-    policies, skipped = _build_policies(plan, factory)
+    """Run every unfinished cell of ``plan``; returns (new records, refused policy cells).
+
+    ``progress(label, done, total)`` counts sample runs (one sample under one policy) over the
+    whole run: it is called before the first generation and after every policy of every batch.
+    """
+    policies, skipped = build_policies(plan, factory)
+    todo, _ = pending(plan, generator.model_name, store, list(policies))
+    total = sum(len(p.labels) for p in todo) * plan.samples
+    done = 0
     new: list[Record] = []
-    for task_name in plan.tasks:
-        task = TASKS.get(task_name)()
-        for protocol in plan.protocols:
-            todo = {
-                label: p for label, p in policies.items()
-                if not store.has(_cell(plan, generator, task_name, protocol, *_split(label)))
-            }  # fmt: skip
-            if not todo:
-                continue
-            samples = make_samples(task, task_name, plan, generator.count_tokens)
-            sums: dict[str, dict[str, Any]] = {label: _zero() for label in todo}
-            for start in range(0, len(samples), plan.batch_size):
-                batch = samples[start : start + plan.batch_size]
-                results = generator.generate(batch, protocol, todo)
-                for label, gens in results.items():
-                    _accumulate(sums[label], task, batch, gens)
+    for item in todo:
+        task = TASKS.get(item.task)()
+        cells = {label: policies[label] for label in item.labels}
+        samples = make_samples(task, item.task, plan, generator.count_tokens)
+        sums: dict[str, dict[str, Any]] = {label: _zero() for label in cells}
+        if progress is not None:
+            progress(f"{item.task} / {item.protocol}", done, total)
+        for start in range(0, len(samples), plan.batch_size):
+            batch = samples[start : start + plan.batch_size]
+
+            def tick(label: str, size: int = len(batch)) -> None:
+                nonlocal done
+                done += size
                 if progress is not None:
-                    progress(f"{task_name} / {protocol}", min(start + len(batch), len(samples)), len(samples))
-            for label, acc in sums.items():
-                policy, compression = _split(label)
-                record = Record(
-                    task=task_name, policy=policy, compression=compression, context_length=plan.context_length,
-                    samples=len(samples), score=sum(acc["scores"]) / len(samples), sample_scores=acc["scores"],
-                    kv_bytes_device=int(acc["kv_bytes_device"]), kv_bytes_full=int(acc["kv_bytes_full"]),
-                    host_bytes=int(acc["host_bytes"]), recalls=int(acc["recalls"]), protocol=protocol,
-                    model=generator.model_name, seed=plan.seed,
-                )  # fmt: skip
-                store.add(record)  # rewrites results.json/csv atomically, cell by cell
-                new.append(record)
+                    progress(f"{item.task} / {item.protocol} / {label}", done, total)
+
+            results = generator.generate(batch, item.protocol, cells, on_policy_done=tick)
+            for label, gens in results.items():
+                _accumulate(sums[label], task, batch, gens)
+        for label, acc in sums.items():
+            new.append(_record(plan, generator.model_name, item, label, acc))
+            store.add(new[-1])  # rewrites results.json/csv atomically, cell by cell
     return new, skipped
 
 
-def _build_policies(plan: EvalPlan, factory: PolicyFactory) -> tuple[dict[str, Policy | None], list[Skipped]]:
+def _record(plan: EvalPlan, model: str, item: Pending, label: str, acc: dict[str, Any]) -> Record:
+    policy, compression = _split(label)
+    scores = acc["scores"]
+    return Record(
+        task=item.task, policy=policy, compression=compression, context_length=plan.context_length,
+        samples=len(scores), score=sum(scores) / len(scores), sample_scores=scores,
+        kv_bytes_device=int(acc["kv_bytes_device"]), kv_bytes_full=int(acc["kv_bytes_full"]),
+        host_bytes=int(acc["host_bytes"]), recalls=int(acc["recalls"]), protocol=item.protocol,
+        model=model, seed=plan.seed,
+    )  # fmt: skip
+
+
+def build_policies(plan: EvalPlan, factory: PolicyFactory) -> tuple[dict[str, Policy | None], list[Skipped]]:
     """Label -> policy for every (policy, compression); refusals (ValueError) are reported,
     not raised, so one policy's floor does not stop the others."""
     policies: dict[str, Policy | None] = {}
@@ -164,10 +206,10 @@ def _split(label: str) -> tuple[str, float]:
     return policy, float(c)
 
 
-def _cell(plan: EvalPlan, generator: Generator, task: str, protocol: str, policy: str, compression: float) -> Cell:
+def _cell(plan: EvalPlan, model: str, task: str, protocol: str, policy: str, compression: float) -> Cell:
     return Cell(
         task=task, policy=policy, compression=compression, context_length=plan.context_length,
-        protocol=protocol, model=generator.model_name, seed=plan.seed, samples=plan.samples,
+        protocol=protocol, model=model, seed=plan.seed, samples=plan.samples,
     )  # fmt: skip
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from hcpolicy.classify import build_profile
 from hcpolicy.eval import ResultStore
-from hcpolicy.eval.runner import EvalPlan, make_samples, run
+from hcpolicy.eval.runner import EvalPlan, make_samples, pending, run
 from hcpolicy.eval.tasks import TASKS
 from hcpolicy.policy.factory import build_policy
 from hcpolicy.spec import ModelSpec
@@ -33,7 +33,7 @@ class ScriptedGenerator:
     def count_tokens(self, text):
         return len(text.split())
 
-    def generate(self, samples, protocol, policies):
+    def generate(self, samples, protocol, policies, *, on_policy_done=None):
         self.calls.append((protocol, len(samples), sorted(policies)))
         out = {}
         for label, policy in policies.items():
@@ -42,6 +42,8 @@ class ScriptedGenerator:
             out[label] = [
                 FakeGen(" ".join(s.answers) if right else "no idea", int(1000 * c), 1000) for s in samples
             ]
+            if on_policy_done is not None:
+                on_policy_done(label)
         return out
 
 
@@ -74,6 +76,30 @@ def test_rerun_skips_finished_cells(tmp_path):
     assert [(r.policy, r.compression) for r in records] == [("snapkv", 0.6)] * 2
     assert all(call[2] == ["snapkv@0.6"] for call in gen.calls)
     assert len(ResultStore(tmp_path)) == 8
+
+
+def test_progress_counts_sample_runs_over_the_whole_run(tmp_path):
+    ticks = []
+    run(plan(), ScriptedGenerator(), lambda n, c: build_policy(n, c), ResultStore(tmp_path),
+        progress=lambda label, done, total: ticks.append((label, done, total)))  # fmt: skip
+    total = 2 * 3 * 3  # protocols x cells x samples
+    assert {t[2] for t in ticks} == {total}
+    assert ticks[0] == ("niah_single / agnostic", 0, total)  # shown before the first generation
+    done = [t[1] for t in ticks]
+    assert done == sorted(done) and done[-1] == total
+    # after every policy of every batch: batches of 2 then 1 sample
+    assert ("niah_single / aware / snapkv@0.5", total - 0) in [(t[0], t[1]) for t in ticks]
+    assert ("niah_single / agnostic / full@1", 2) in [(t[0], t[1]) for t in ticks]
+
+
+def test_pending_names_the_cells_a_rerun_skips(tmp_path):
+    store = ResultStore(tmp_path)
+    run(plan(compressions=[0.4]), ScriptedGenerator(), lambda n, c: build_policy(n, c), store)
+    todo, done = pending(plan(), "fake", store, ["full@1", "snapkv@0.4", "snapkv@0.5"])
+    assert [(p.protocol, p.labels) for p in todo] == [("agnostic", ("snapkv@0.5",)), ("aware", ("snapkv@0.5",))]
+    assert sorted((c.protocol, c.policy, c.compression) for c in done) == [
+        ("agnostic", "full", 1.0), ("agnostic", "snapkv", 0.4), ("aware", "full", 1.0), ("aware", "snapkv", 0.4)
+    ]  # fmt: skip
 
 
 def test_heterocache_below_its_floor_is_refused_not_fatal(tmp_path):
