@@ -23,6 +23,7 @@ from hcpolicy.policy.base import Policy
 
 from .backend import HFBackend
 from .cache import HeadwiseCache
+from .stops import stop_token_ids
 
 Protocol = Literal["agnostic", "aware"]
 PROTOCOLS: tuple[str, ...] = ("agnostic", "aware")
@@ -69,6 +70,7 @@ class HFEvaluator:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.stops = stop_token_ids(backend.model, tokenizer)
 
     @property
     def max_context(self) -> int | None:
@@ -140,10 +142,17 @@ class HFEvaluator:
             last_logits = out.logits[:, -1]
         else:
             cache.headroom = steps
+        device = last_logits.device
+        stops = torch.tensor(sorted(self.stops), dtype=torch.long, device=device)
+        limits = torch.tensor([p.max_new_tokens for p in prompts], device=device)  # [B]
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # [B]: stopped or at its last token
         tokens = []
-        for _ in range(steps):
+        for step in range(steps):
             nxt = last_logits.argmax(-1, keepdim=True)  # [B, 1]
             tokens.append(nxt)
+            done |= torch.isin(nxt[:, 0], stops) | (limits <= step + 1)
+            if bool(done.all()):  # host sync: this loop is host-driven anyway; stopping saves forwards
+                break
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
             out = self.backend.forward(nxt, cache, attention_mask=mask, position_ids=_positions(mask)[:, -1:])
             last_logits = out.logits[:, -1]
@@ -161,10 +170,9 @@ class HFEvaluator:
         ]
 
     def _text(self, ids: list[int]) -> str:
-        eos = self.tokenizer.eos_token_id
-        if eos in ids:
-            ids = ids[: ids.index(eos)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        """The answer: ``ids`` up to the first stop token, decoded."""
+        end = next((i for i, t in enumerate(ids) if t in self.stops), len(ids))
+        return self.tokenizer.decode(ids[:end], skip_special_tokens=True)
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

@@ -67,3 +67,21 @@ def test_policies_share_one_prefill_and_report_bytes(evaluator):
 def test_bad_protocol(evaluator):
     with pytest.raises(ValueError, match="protocol"):
         evaluator.run([evaluator.encode("abc", "d", 1)], "sideways", {"full": None})
+
+
+def test_stops_at_the_models_stop_tokens_and_early_stop_changes_no_text(evaluator):
+    assert evaluator.stops == {2}  # the tiny llama's generation config, not the tokenizer's '~'
+    prompts = [evaluator.encode("the cat sat on the mat " * 4, " Q:", 12), evaluator.encode("a b c d " * 9, " A:", 9)]
+    rows = []
+    evaluator._text = lambda ids, text=evaluator._text: rows.append(ids) or text(ids)
+    evaluator.stops = frozenset()  # run every step
+    evaluator.run(prompts, "agnostic", {"full": FullKV()})
+    full_rows = list(rows)
+    assert [len(r) for r in full_rows] == [12, 9]
+    evaluator.stops = frozenset({full_rows[0][2], full_rows[1][1]})
+    calls = []
+    forward = evaluator.backend.forward
+    evaluator.backend.forward = lambda *a, **k: calls.append(a[0].shape) or forward(*a, **k)
+    out = evaluator.run(prompts, "agnostic", {"full": FullKV()})["full"]
+    assert [g.text for g in out] == [evaluator._text(r) for r in full_rows]
+    assert sum(shape[1] == 1 for shape in calls) <= 2  # decode forwards: stopped by the third token
