@@ -31,10 +31,18 @@ def _rope_scaling(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if kind == "default" else scaling
 
 
+def token_ids(value: int | list[int] | None) -> tuple[int, ...]:
+    """An HF ``eos_token_id`` (int, list or None) as a tuple."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, int) else tuple(value)
+
+
 @attrs.frozen
 class ModelConfig:
     """Decoder shape. ``family``: 'llama' or 'qwen2' (q/k/v biases); ``rope_scaling``: None or
-    a dict with ``rope_type`` 'llama3' or 'linear' and that type's fields (HF names)."""
+    a dict with ``rope_type`` 'llama3' or 'linear' and that type's fields (HF names);
+    ``eos_token_ids``: the ids that end generation (``Engine.generate`` stops at them)."""
 
     family: str = attrs.field(validator=attrs.validators.in_(tuple(ARCHITECTURES)))
     vocab_size: int = attrs.field(validator=positive)
@@ -50,6 +58,7 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = attrs.field(default=None, converter=_rope_scaling)
     tie_embeddings: bool = False
     qkv_bias: bool = attrs.field(default=attrs.Factory(lambda self: self.family == "qwen2", takes_self=True))
+    eos_token_ids: tuple[int, ...] = attrs.field(default=(), converter=lambda ids: tuple(sorted(set(ids))))
 
     def __attrs_post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -99,7 +108,7 @@ class ModelConfig:
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
             max_position=config.get("max_position_embeddings", 8192), rms_norm_eps=config.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta), rope_scaling=scaling, tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias=bool(bias),
+            qkv_bias=bool(bias), eos_token_ids=token_ids(config.get("eos_token_id")),
         )  # fmt: skip
 
     @classmethod

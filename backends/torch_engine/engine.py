@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
@@ -50,6 +50,7 @@ from .monitor import DeviceMonitor, monitor_for
 from .observer import DecodeObserver
 from .prefill import Prefill
 
+_STOP_CHECK = 8  # decode steps between checks whether every sequence has stopped
 CAPABILITIES = Capabilities(actions={Select, Offload, Recall, Attend}, per_head_lengths=True, cuda_graphs=True)
 _ids = itertools.count(1)
 
@@ -358,14 +359,27 @@ class Engine:
     # -- generate ------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int,
-                 policy: Policy | None = None) -> GenerateOutput:  # fmt: skip
-        """Greedy decoding: ``max_new_tokens`` tokens per prompt (no early stop at EOS)."""
+                 policy: Policy | None = None, eos_token_ids: Collection[int] | None = None) -> GenerateOutput:  # fmt: skip
+        """Greedy decoding of up to ``max_new_tokens`` tokens per prompt, until every sequence
+        has produced one of ``eos_token_ids`` (None: the model's own, ``ModelConfig.eos_token_ids``;
+        empty: never stop early). See ``GenerateOutput`` for what a stopped sequence returns."""
+        stops = torch.tensor(sorted(self.mc.eos_token_ids if eos_token_ids is None else eos_token_ids),
+                             dtype=torch.int64, device=self.device)  # fmt: skip
         logits = self.prefill(prompts, policy, max_new_tokens=max_new_tokens)
+        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=self.device)  # [B]
         steps = [logits]
-        for _ in range(max_new_tokens - 1):
-            steps.append(self.decode(steps[-1].argmax(-1)))
+        for step in range(1, max_new_tokens):
+            token = steps[-1].argmax(-1)  # [B]
+            done |= torch.isin(token, stops)
+            # host sync, once per _STOP_CHECK steps: stopping saves steps, asking every step stalls the queue
+            if stops.numel() and step % _STOP_CHECK == 0 and bool(done.all()):
+                break
+            steps.append(self.decode(token))
         logits = torch.stack(steps, dim=1)  # [B, T, V]
-        return GenerateOutput(tokens=logits.argmax(-1), logits=logits)
+        tokens = logits.argmax(-1)  # [B, T]
+        lengths = _lengths(tokens, stops)  # [B]
+        t = int(lengths.max())  # the steps past every stop token (up to _STOP_CHECK - 1) are dropped
+        return GenerateOutput(tokens=tokens[:, :t], logits=logits[:, :t], lengths=lengths)
 
     # -- accounting ----------------------------------------------------------------------------
     def kv_bytes_device(self) -> int:
@@ -386,3 +400,10 @@ class Engine:
 
     def host_bytes(self) -> int:
         return self.runtime.host_bytes()
+
+
+def _lengths(tokens: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
+    """[B]: tokens of each row up to and including its first stop token (all T if none)."""
+    hit = torch.isin(tokens, stops)  # [B, T]
+    first = hit.int().argmax(dim=1) + 1  # argmax gives the first of equal maxima
+    return torch.where(hit.any(dim=1), first, torch.full_like(first, tokens.shape[1]))

@@ -63,7 +63,11 @@ class EngineConfig:
 
 @attrs.frozen
 class GenerateOutput:
-    """tokens: [B, T] generated ids; logits: [B, T, V] the logits each token was taken from."""
+    """tokens: [B, T] generated ids; logits: [B, T, V] the logits each token was taken from;
+    lengths: [B] each sequence's tokens up to and including its first stop token (T where it
+    has none). T is the longest length: a sequence that stopped earlier keeps what greedy
+    decoding produced after its stop token, as logits say, up to T."""
 
     tokens: torch.Tensor
     logits: torch.Tensor
+    lengths: torch.Tensor

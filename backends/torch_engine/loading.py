@@ -7,13 +7,15 @@ with the names that did not match.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import attrs
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, token_ids
 from .model import Transformer, build_empty
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -99,22 +101,29 @@ def _safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_checkpoint(folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
-    """A Llama/Qwen2 folder with config.json and *.safetensors (sharded or not)."""
+    """A Llama/Qwen2 folder with config.json and *.safetensors (sharded or not); the stop
+    tokens come from generation_config.json where it names them, else from config.json."""
     folder = Path(folder)
     config = ModelConfig.from_file(folder)
+    generation = folder / "generation_config.json"
+    stops = token_ids(json.loads(generation.read_text()).get("eos_token_id")) if generation.is_file() else ()
+    if stops:
+        config = attrs.evolve(config, eos_token_ids=stops)
     return load_state(build_empty(config, device=device, dtype=dtype), _safetensors(folder))
 
 
 def load_gguf(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
-    """A GGUF file, dequantised by transformers' GGUF loader (needs transformers and gguf)."""
-    from transformers import AutoModelForCausalLM
+    """A GGUF file, dequantised by transformers' GGUF loader through the HF backend's
+    ``load`` (which caches the conversion and reads the stop tokens from the file)."""
+    from hcpolicy.backends.hf.loading import load
+    from hcpolicy.backends.hf.stops import stop_token_ids
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {path}")
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    config = ModelConfig.from_hf(hf.config.to_dict())
-    state = hf.state_dict()
+    hf = load(str(path))
+    config = attrs.evolve(ModelConfig.from_hf(hf.model.config.to_dict()), eos_token_ids=stop_token_ids(hf.model, hf.tokenizer))
+    state = hf.model.state_dict()
     del hf
     return load_state(build_empty(config, device=device, dtype=dtype), state.items())
 
