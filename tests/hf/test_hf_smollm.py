@@ -66,3 +66,58 @@ def test_shipped_profile_matches_the_model(smollm):
     profile = HeadProfile.load(default_profile_path("smollm2-135m-instruct"), spec=model_spec(smollm.model))
     assert profile.total_heads == 30 * 3
     assert 0.3 < profile.min_compression < 0.5
+
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def chat_ids(tokenizer) -> list[int]:
+    text = tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text)["input_ids"]
+
+
+def test_generation_stops_at_im_end(smollm):
+    from hcpolicy.backends.hf.evaluate import HFEvaluator
+    from hcpolicy.backends.hf.stops import stop_token_ids
+
+    tok = smollm.tokenizer
+    im_end, im_start = tok.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
+    assert (im_end, im_start) == (2, 1)
+    stops = stop_token_ids(smollm.model, tok)
+    assert im_end in stops and im_start not in stops and tok.eos_token == "<|im_end|>"
+    ids = chat_ids(tok)
+    seq, _ = HFBackend(smollm.model).generate(torch.tensor([ids]), None, max_new_tokens=48, do_sample=False)
+    answer = seq[0, len(ids) :].tolist()
+    assert answer[-1] == im_end and len(answer) < 48 and im_start not in answer
+    text = tok.decode(answer[:-1])
+    assert "Paris" in text and "<|im_" not in text
+    evaluator = HFEvaluator(HFBackend(smollm.model), tok)
+    out = evaluator.run([evaluator.encode(tok.decode(ids), "", 48)], "aware", {"full": FullKV()})["full"]
+    assert out[0].text == text
+
+
+@pytest.mark.slow
+def test_gguf_cache_loads_the_same_model_without_converting(tmp_path, monkeypatch):
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from hcpolicy.backends.hf.loading import load
+
+    monkeypatch.setenv("HCPOLICY_CACHE", str(tmp_path))
+    first = load()  # converts and caches
+    assert len(list((tmp_path / "gguf").iterdir())) == 1
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the cached load converted the GGUF file again")
+
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", no_conversion)
+    second = load()
+    ids = first.tokenizer(TEXT[:200], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(first.model(ids).logits, second.model(ids).logits)
+    a, b = first.tokenizer, second.tokenizer
+    text = "Héllo <|im_end|>\n wörld 48213 <|im_start|>"
+    assert a(text)["input_ids"] == b(text)["input_ids"]
+    assert a.all_special_tokens == b.all_special_tokens and a.chat_template == b.chat_template
+    assert (a.eos_token, a.bos_token, a.pad_token) == (b.eos_token, b.bos_token, b.pad_token)
+    assert a.apply_chat_template(QUESTION, tokenize=False) == b.apply_chat_template(QUESTION, tokenize=False)
+    assert second.model.generation_config.eos_token_id == first.model.generation_config.eos_token_id == 2

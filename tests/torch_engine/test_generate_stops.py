@@ -3,6 +3,7 @@ gives, ``lengths`` counts each sequence up to its stop, and checkpoints carry th
 
 import json
 
+import pytest
 import torch
 
 from engine_helpers import save, tiny_hf_model
@@ -34,3 +35,25 @@ def test_checkpoint_stops_come_from_generation_config(tmp_path):
     generation = json.loads((folder / "generation_config.json").read_text())
     (folder / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [7, 2]}))
     assert load_checkpoint(folder).config.eos_token_ids == (2, 7)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_stops_at_im_end():
+    """The embedded SmolLM2 (through the HF loader's cache): a chat answer ends at <|im_end|>."""
+    pytest.importorskip("gguf")
+    from hcpolicy.backends.hf.loading import ModelLoadError, default_gguf, load
+    from hcpolicy.backends.torch_engine import load_gguf
+
+    try:
+        path = default_gguf()
+    except ModelLoadError as err:
+        pytest.skip(str(err))
+    tok = load(str(path)).tokenizer
+    model = load_gguf(path)
+    assert 2 in model.config.eos_token_ids and 1 not in model.config.eos_token_ids  # <|im_end|>, <|im_start|>
+    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
+                                   add_generation_prompt=True)  # fmt: skip
+    out = Engine(model, EngineConfig(max_seq_len=256, page_size=16)).generate([tok(text)["input_ids"]], 48)
+    answer = out.tokens[0, : out.lengths[0]].tolist()
+    assert answer[-1] == 2 and len(answer) < 48 and out.tokens.shape[1] == len(answer)
+    assert "Paris" in tok.decode(answer[:-1]) and "<|im_" not in tok.decode(answer[:-1])
