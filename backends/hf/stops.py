@@ -4,8 +4,10 @@ end-of-turn token (SmolLM2's ``<|im_end|>``), not at whatever the tokenizer call
 A GGUF file names them in its metadata (``tokenizer.ggml.eos_token_id``, ``eot_token_id``,
 ``eom_token_id``). transformers' GGUF conversion does not always carry them over (5.0.0
 builds SmolLM2's tokenizer with eos = ``<|im_start|>``), so loading a GGUF file reads them
-(``gguf_stop_ids``) and writes them into the generation config and the tokenizer
-(``apply_stop_ids``); ``stop_token_ids`` reads them back from any loaded model.
+(``gguf_tokens``) and writes them into the generation config and the tokenizer
+(``apply_gguf_tokens``); ``stop_token_ids`` reads them back from any loaded model. The same
+metadata says whether the tokenizer adds BOS/EOS around a text, which 5.0.0 also gets wrong
+(it prepends ``<|im_start|>`` to every SmolLM2 prompt, so chat prompts start with two).
 """
 
 from __future__ import annotations
@@ -13,7 +15,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-_GGUF_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+import attrs
+
+_STOP_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+_ADD_KEYS = {"add_bos_token": "tokenizer.ggml.add_bos_token", "add_eos_token": "tokenizer.ggml.add_eos_token"}
+
+
+@attrs.frozen
+class GGUFTokens:
+    """What a GGUF file's metadata says about special tokens: the stop ids (eos first) and,
+    where it says, whether the tokenizer adds BOS / EOS (keys of ``_ADD_KEYS``)."""
+
+    stop_ids: tuple[int, ...]
+    adds: dict[str, bool] = attrs.field(factory=dict)
 
 
 def stop_token_ids(model: Any, tokenizer: Any = None) -> frozenset[int]:
@@ -28,22 +42,28 @@ def stop_token_ids(model: Any, tokenizer: Any = None) -> frozenset[int]:
     return frozenset()
 
 
-def gguf_stop_ids(path: Path) -> list[int]:
-    """The eos, end-of-turn and end-of-message ids a GGUF file's metadata names, eos first."""
+def gguf_tokens(path: Path) -> GGUFTokens:
+    """Read the special-token metadata of a GGUF file (a few seconds: the reader parses the
+    whole vocabulary; only a first, uncached load pays it)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
-    ids: list[int] = []
-    for key in _GGUF_KEYS:
+    stops: list[int] = []
+    for key in _STOP_KEYS:
         field = reader.get_field(key)
-        if field is not None and int(field.contents()) not in ids:
-            ids.append(int(field.contents()))
-    return ids
+        if field is not None and int(field.contents()) not in stops:
+            stops.append(int(field.contents()))
+    adds = {name: bool(reader.get_field(key).contents()) for name, key in _ADD_KEYS.items() if reader.get_field(key)}
+    return GGUFTokens(stop_ids=tuple(stops), adds=adds)
 
 
-def apply_stop_ids(model: Any, tokenizer: Any, ids: list[int]) -> None:
-    """Make ``ids`` (eos first) what ``model.generate`` stops at, and the tokenizer's eos
-    token ``ids[0]`` where the conversion chose a token outside ``ids``."""
+def apply_gguf_tokens(model: Any, tokenizer: Any, tokens: GGUFTokens) -> None:
+    """Make the stop ids what ``model.generate`` stops at, the tokenizer's eos token the first
+    of them where the conversion chose another, and its BOS/EOS adding what the file says."""
+    for name, value in tokens.adds.items():
+        if hasattr(tokenizer, name):
+            setattr(tokenizer, name, value)  # even when equal: 5.0.0 reports False yet adds BOS
+    ids = tokens.stop_ids
     if not ids:
         return
     model.generation_config.eos_token_id = ids[0] if len(ids) == 1 else list(ids)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hcpolicy.backends.hf import gguf_cache, loading
-from hcpolicy.backends.hf.stops import stop_token_ids
+from hcpolicy.backends.hf.stops import GGUFTokens, stop_token_ids
 
 from hf_helpers import tiny_model
 from test_hf_evaluate import char_tokenizer
@@ -30,7 +30,7 @@ def fake_gguf(tmp_path, monkeypatch):
         return real(source, dtype, **kwargs)
 
     monkeypatch.setattr(loading, "_from_pretrained", from_pretrained)
-    monkeypatch.setattr(loading, "gguf_stop_ids", lambda p: [5, 7])
+    monkeypatch.setattr(loading, "gguf_tokens", lambda p: GGUFTokens(stop_ids=(5, 7)))
     return path, conversions
 
 
