@@ -53,7 +53,8 @@ def gguf_tokens(path: Path) -> GGUFTokens:
         field = reader.get_field(key)
         if field is not None and int(field.contents()) not in stops:
             stops.append(int(field.contents()))
-    adds = {name: bool(reader.get_field(key).contents()) for name, key in _ADD_KEYS.items() if reader.get_field(key)}
+    fields = {name: reader.get_field(key) for name, key in _ADD_KEYS.items()}
+    adds = {name: bool(field.contents()) for name, field in fields.items() if field is not None}
     return GGUFTokens(stop_ids=tuple(stops), adds=adds)
 
 
@@ -62,7 +63,7 @@ def apply_gguf_tokens(model: Any, tokenizer: Any, tokens: GGUFTokens) -> None:
     of them where the conversion chose another, and its BOS/EOS adding what the file says."""
     for name, value in tokens.adds.items():
         if hasattr(tokenizer, name):
-            setattr(tokenizer, name, value)  # even when equal: 5.0.0 reports False yet adds BOS
+            setattr(tokenizer, name, value)  # even when equal: the setter rebuilds what adds them
     ids = tokens.stop_ids
     if not ids:
         return
