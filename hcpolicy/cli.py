@@ -344,6 +344,8 @@ def evaluate_command(
 
     if loaded is not None:
         check_something_runs(plan, factory)
+    console.print(f"loading {model or 'the embedded default model'} (a GGUF file is converted on its first load, "
+                  "about a minute, and read from the cache after)", highlight=False, soft_wrap=True)  # fmt: skip
     generator = evaluator.evaluator(model)
     check_context(context_length, generator.max_context)
     if loaded is None and (shipped := default_profile_path(generator.model_name)):

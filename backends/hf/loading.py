@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,24 @@ def default_gguf() -> Path:
     return path
 
 
+def locate(model: str | None) -> tuple[str, Path | None]:
+    """(name, its GGUF file or None) of ``model`` as ``load`` takes it, before anything loads.
+
+    Raises ModelLoadError for a GGUF file or a local folder that is not there; anything
+    else that is not a local path is a hub id."""
+    name = model or DEFAULT_MODEL
+    if name == DEFAULT_MODEL:
+        return name, default_gguf()
+    if name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise ModelLoadError(f"no GGUF file at {name}")
+        return name, Path(name)
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise ModelLoadError(f"no model folder at {name}")
+    return name, None
+
+
 def load(model: str | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Loaded:
     """Load ``model``: None or 'smollm2-135m-instruct' (the embedded default), a folder with
     config + safetensors, a ``.gguf`` file, or a hub id (needs network or a local HF cache).
@@ -56,22 +75,32 @@ def load(model: str | None = None, *, dtype: torch.dtype = torch.float32, device
     A GGUF file is converted once and cached (``gguf_cache``); its stop tokens, and whether
     its tokenizer adds BOS, come from its metadata (``stops``), so ``model.generate`` ends
     at the model's end-of-turn token."""
-    name = model or DEFAULT_MODEL
-    if name == DEFAULT_MODEL or name.endswith(".gguf"):
-        gguf = default_gguf() if name == DEFAULT_MODEL else Path(name)
-        if not gguf.is_file():
-            raise ModelLoadError(f"no GGUF file at {gguf}")
-        loaded, tokenizer = _guarded(name, lambda: _load_gguf(gguf, dtype))
-    else:
-        looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
-        if looks_local and not Path(name).expanduser().is_dir():
-            raise ModelLoadError(f"no model folder at {name}")
-        loaded, tokenizer = _guarded(name, lambda: _from_pretrained(name, dtype))
+    name, gguf = locate(model)
+    with _no_progress_bars():
+        if gguf is not None:
+            loaded, tokenizer = _guarded(name, lambda: _load_gguf(gguf, dtype))
+        else:
+            loaded, tokenizer = _guarded(name, lambda: _from_pretrained(name, dtype))
     loaded = loaded.to(device).eval()
     loaded.set_attn_implementation("sdpa")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Loaded(model=loaded, tokenizer=tokenizer, name=name)
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' conversion and weight-loading bars off for the block: they would print
+    over the caller's own progress display (``hc evaluate`` says what it loads)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _guarded(name: str, load_fn: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:

@@ -13,7 +13,7 @@ import struct
 from pathlib import Path
 from typing import BinaryIO
 
-from .loading import DEFAULT_MODEL, default_gguf
+from .loading import locate
 
 _MAGIC = b"GGUF"
 # GGUF metadata value types (gguf.GGUFValueType): scalar formats, little-endian
@@ -23,15 +23,11 @@ _STRING, _ARRAY = 8, 9
 
 def context_limit(model: str | None) -> int | None:
     """Most tokens ``model`` (as ``loading.load`` takes it) attends over; None when its config
-    cannot be read here (a missing file, no network): loading then says why."""
-    name = model or DEFAULT_MODEL
-    if name == DEFAULT_MODEL:
-        return gguf_context_length(default_gguf())
-    if name.endswith(".gguf"):
-        return gguf_context_length(Path(name)) if Path(name).is_file() else None
-    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
-    if looks_local and not Path(name).expanduser().is_dir():
-        return None
+    cannot be read here (no network for a hub id): loading then says why. A local file or
+    folder that is not there raises ``ModelLoadError``."""
+    name, gguf = locate(model)
+    if gguf is not None:
+        return gguf_context_length(gguf)
     from transformers import AutoConfig
 
     try:

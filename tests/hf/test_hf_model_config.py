@@ -2,6 +2,7 @@
 
 import pytest
 
+from hcpolicy.backends.hf.loading import ModelLoadError
 from hcpolicy.backends.hf.model_config import context_limit, gguf_context_length
 
 from hf_helpers import tiny_model
@@ -32,5 +33,7 @@ def test_not_a_gguf_file(tmp_path):
 def test_folder_and_missing_paths(tmp_path):
     tiny_model("llama").config.save_pretrained(tmp_path)
     assert context_limit(str(tmp_path)) == 1024
-    assert context_limit(str(tmp_path / "missing")) is None  # loading says what is wrong
-    assert context_limit(str(tmp_path / "missing.gguf")) is None
+    with pytest.raises(ModelLoadError, match="no model folder at"):  # before anything loads
+        context_limit(str(tmp_path / "missing"))
+    with pytest.raises(ModelLoadError, match="no GGUF file at"):
+        context_limit(str(tmp_path / "missing.gguf"))
