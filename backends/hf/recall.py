@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 import torch
+import torch.nn.functional as F
 
 from hcpolicy.actions import ActionError, Recall
 
@@ -84,11 +85,16 @@ def recall(layer: "HeadwiseLayer", action: Recall) -> None:
         plan = layer.recall_plans[heads] = (key, build_plan(layer, store, heads))
     plan = plan[1]
     sel = action.selection
-    if sel.indices.shape[2] < plan.width:
+    if sel.indices.shape[2] < max(map(max, plan.counts)):
         _raise_lengths(layer, heads, plan, sel.lengths.tolist())  # cold path: the read is fine
         raise ActionError(f"layer {layer.index}: Recall lengths exceed its selection's width")
     device = store.positions.device
-    want = sel.indices[..., : plan.width].to(device).contiguous()  # [B, H', W]
+    want = sel.indices[..., : plan.width]
+    if want.shape[2] < plan.width:
+        # a plan is at least one entry wide; a selection only as wide as its lengths, so
+        # width 0 where no head holds an offloaded row (budgets of 0 tokens): pad it
+        want = F.pad(want, (0, plan.width - want.shape[2]))
+    want = want.to(device).contiguous()  # [B, H', W]
     rows = torch.searchsorted(plan.host_pos, want).clamp_(max=plan.host_pos.shape[2] - 1)  # [B, H', W]
     now = store.positions[plan.slots]  # [B, H', W] what the slots hold
     differ = (torch.stack((now, plan.host_pos.gather(2, rows))) != want) & plan.valid  # [2, B, H', W]
