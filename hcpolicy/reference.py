@@ -116,9 +116,12 @@ class ReferenceCache(ActionExecutor):
         lengths = torch.zeros(self.batch_size, self.num_kv_heads, dtype=torch.int64)
         for b, row in enumerate(rows):
             for h, head in enumerate(row):
-                for i, (p, (k, v)) in enumerate(sorted(head.device.items())):
-                    keys[b, h, i], values[b, h, i], positions[b, h, i] = k, v, p
-                lengths[b, h] = len(head.device)
+                n = lengths[b, h] = len(head.device)
+                if n:
+                    tokens = sorted(head.device.items())
+                    positions[b, h, :n] = torch.tensor([p for p, _ in tokens])
+                    keys[b, h, :n] = torch.stack([k for _, (k, _) in tokens])
+                    values[b, h, :n] = torch.stack([v for _, (_, v) in tokens])
         return LayerCache(keys=keys, positions=positions, lengths=lengths, values=values)
 
     def attend(self, layer: int, queries: torch.Tensor) -> torch.Tensor:

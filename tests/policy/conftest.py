@@ -56,6 +56,12 @@ def spec() -> ModelSpec:
 
 
 @pytest.fixture
+def profile(spec: ModelSpec) -> HeadProfile:
+    """``synthetic_profile(spec)``: a heterocache profile for the fixture's model shape."""
+    return synthetic_profile(spec)
+
+
+@pytest.fixture
 def make_policy() -> Callable[..., Policy]:
     """``make_policy(name, spec, compression, **options)`` -> a fresh policy instance."""
     return build_policy
