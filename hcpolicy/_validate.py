@@ -6,6 +6,7 @@ tensors (results, tasks, specs, profiles) load without it, which keeps ``hc`` qu
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -35,15 +36,37 @@ def integer(minimum: int) -> Callable[[Any, attrs.Attribute, Any], None]:
     return check
 
 
+def real(name: str, value: Any) -> float:
+    """``value`` as a float if it is a real number (not a bool, not a string), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def check_compression(value: Any, name: str = "compression") -> float:
+    """A compression: the fraction of the prompt's KV kept on the device, a real number in
+    (0, 1]. Returns it as a float; raises ValueError saying what to pass otherwise."""
+    if not 0.0 < real(name, value) <= 1.0:
+        raise ValueError(
+            f"{name} must be in (0, 1] (the fraction of the prompt's KV kept on the device), got {value!r}"
+        )
+    return float(value)
+
+
+def is_compression(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Validator: ``check_compression`` for an attrs field."""
+    check_compression(value, attribute.name)
+
+
 def fraction(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    """A fraction in (0, 1]."""
-    if not 0.0 < float(value) <= 1.0:
+    """A real number in (0, 1]."""
+    if not 0.0 < real(attribute.name, value) <= 1.0:
         raise ValueError(f"{attribute.name} must be in (0, 1], got {value!r}")
 
 
 def unit_interval(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    """A threshold in [0, 1]."""
-    if not 0.0 <= float(value) <= 1.0:
+    """A real number (a threshold) in [0, 1]."""
+    if not 0.0 <= real(attribute.name, value) <= 1.0:
         raise ValueError(f"{attribute.name} must be in [0, 1], got {value!r}")
 
 

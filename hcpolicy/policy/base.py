@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, ClassVar
 import attrs
 import torch
 
-from hcpolicy._validate import fraction
+from hcpolicy._validate import is_compression
 from hcpolicy.actions import Action, Select, Selection
 from hcpolicy.budget import Allocator, UniformAllocator, sequence_budgets
 from hcpolicy.capabilities import Requirements
@@ -81,7 +81,7 @@ class ScoredPolicy(Policy):
     window). ``compression`` is the fraction of the prompt's KV kept on the device.
     """
 
-    compression: float = attrs.field(default=0.5, validator=fraction)
+    compression: float = attrs.field(default=0.5, validator=is_compression)
     allocator: Allocator = attrs.field(factory=UniformAllocator)
     _spec: ModelSpec | None = attrs.field(default=None, init=False, repr=False)
     _batch_size: int = attrs.field(default=1, init=False, repr=False)

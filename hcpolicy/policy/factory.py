@@ -7,6 +7,7 @@ from pathlib import Path
 
 import attrs
 
+from hcpolicy._validate import check_compression
 from hcpolicy.policy.base import Policy
 from hcpolicy.profile import HeadProfile
 from hcpolicy.registry import POLICIES
@@ -17,9 +18,11 @@ PROFILES_PACKAGE = "hcpolicy.profiles"
 def build_policy(name: str, compression: float, *, profile: HeadProfile | None = None) -> Policy:
     """``POLICIES.get(name)`` built with ``compression`` (and ``profile``) where it takes them.
 
-    Raises ValueError when the policy needs a profile and none is given, or refuses the
-    compression (heterocache below its profile's floor).
+    Raises ValueError when ``compression`` is not a real number in (0, 1] (checked for
+    every policy, those that keep everything too), the policy needs a profile and none is
+    given, or it refuses the compression (heterocache below its profile's floor).
     """
+    compression = check_compression(compression)
     cls = POLICIES.get(name)
     fields = {f.alias or f.name for f in attrs.fields(cls) if f.init} if attrs.has(cls) else set()
     kwargs: dict[str, object] = {}

@@ -24,7 +24,7 @@ import attrs
 import torch
 
 from hcpolicy._device import upload
-from hcpolicy._validate import fraction, positive
+from hcpolicy._validate import is_compression, positive
 from hcpolicy.actions import Action, Offload, Recall, Select, Selection
 from hcpolicy.budget import InverseStabilityAllocator, sequence_budgets
 from hcpolicy.capabilities import Requirements
@@ -46,7 +46,7 @@ class HeteroCachePolicy(Policy):
     """HeteroCache: role-aware budgets, host offload of satellites, drift-triggered recall."""
 
     profile: HeadProfile
-    compression: float = attrs.field(default=0.5, validator=fraction)
+    compression: float = attrs.field(default=0.5, validator=is_compression)
     trigger: DriftTrigger | None = None  # None: WindowedOverlap(W=5, tau=0.5), batch-averaged if faithful
     pool_kernel: int = attrs.field(default=5, validator=positive)
     gqa: Reduce = attrs.field(default="max", validator=attrs.validators.in_(("mean", "max", "sum")))

@@ -15,7 +15,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from hcpolicy._validate import fraction, integer
+from hcpolicy._validate import is_compression, integer
 from hcpolicy.actions import Action, Attend, Selection
 from hcpolicy.capabilities import Requirements
 from hcpolicy.observe import LayerCache, Observation
@@ -70,7 +70,7 @@ class Quest(Policy):
     fit in ``compression`` of the head's device entries (always at least that one page).
     """
 
-    compression: float = attrs.field(default=0.5, validator=fraction)
+    compression: float = attrs.field(default=0.5, validator=is_compression)
     page_size: int = attrs.field(default=16, validator=integer(1))
     _spec: ModelSpec | None = attrs.field(default=None, init=False, repr=False)
 

@@ -15,6 +15,7 @@ from hcpolicy.actions import Action, Attend, Offload, Selection
 from hcpolicy.observe import LayerCache, Observation, Phase
 from hcpolicy.actions import ActionError
 from hcpolicy.reference import ReferenceCache, simulate
+from hcpolicy.policy.factory import build_policy
 from hcpolicy.registry import POLICIES
 
 NAMES = POLICIES.names()
@@ -187,6 +188,21 @@ def test_bad_options_raise_value_error(name, spec, make_policy):
         compression = options.pop("compression", 0.5)
         with pytest.raises(ValueError):
             make_policy(name, spec, compression, **options)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compression_must_be_a_real_number_in_range(name, spec, profile, make_policy):
+    """Checked at construction, not deep in a budget at prefill; a bool is not a number."""
+    takes = "compression" in inspect.signature(type(make_policy(name, spec, 0.5))).parameters
+    for bad in ("0.5", True, False, None, [0.5], float("nan"), 0, 1.5):
+        with pytest.raises(ValueError, match="compression must be"):
+            build_policy(name, bad, profile=profile)
+        if takes:
+            with pytest.raises(ValueError, match="compression must be"):
+                make_policy(name, spec, bad)
+    assert build_policy(name, 1, profile=profile) is not None  # an int is a real number
+    if takes:
+        assert build_policy(name, 0.75, profile=profile).compression == 0.75
 
 
 @pytest.mark.parametrize("name", NAMES)
