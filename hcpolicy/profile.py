@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from hcpolicy.spec import ModelSpec
 
 FORMAT = "hcpolicy.head_profile"
 VERSION = 1
+# fingerprint fields added after version 1 was released: older files lack them
+OPTIONAL_FINGERPRINT = frozenset({"num_query_heads"})
 
 
 class Role(enum.Enum):
@@ -35,12 +38,35 @@ def _grid(value: Any) -> tuple[tuple[Any, ...], ...]:
     return tuple(tuple(row) for row in value)
 
 
+def _role(layer: int, head: int, value: Any) -> Role:
+    try:
+        return Role(value)
+    except ValueError:
+        known = ", ".join(r.value for r in Role)
+        raise ValueError(f"layer {layer} head {head}: unknown role {value!r} (known: {known})") from None
+
+
 def _roles(value: Any) -> tuple[tuple[Role, ...], ...]:
-    return tuple(tuple(Role(r) for r in row) for row in value)
+    return tuple(tuple(_role(layer, head, r) for head, r in enumerate(row)) for layer, row in enumerate(value))
+
+
+def _cluster_layer(layer: int, value: Any) -> dict[int, tuple[int, ...]]:
+    try:
+        return {_head(p): tuple(_head(s) for s in sats) for p, sats in value.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"layer {layer}: clusters must map pivot heads to lists of satellite heads, "
+                         f"got {value!r}") from None  # fmt: skip
+
+
+def _head(value: Any) -> int:
+    """A head index from JSON: an int, or a string of one (JSON object keys)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(value)
+    return int(value)
 
 
 def _clusters(value: Any) -> tuple[dict[int, tuple[int, ...]], ...]:
-    return tuple({int(p): tuple(int(s) for s in sats) for p, sats in layer.items()} for layer in value)
+    return tuple(_cluster_layer(layer, row) for layer, row in enumerate(value))
 
 
 @attrs.frozen
@@ -76,11 +102,18 @@ class HeadProfile:
         layer: int, roles: tuple[Role, ...], ratios: tuple[float | None, ...], clusters: dict[int, tuple[int, ...]]
     ) -> None:
         for head, (role, ratio) in enumerate(zip(roles, ratios)):
+            if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real)):
+                raise ValueError(f"layer {layer} head {head}: ratio must be a number or None, got {ratio!r}")
             if role.full != (ratio is None):
                 raise ValueError(f"layer {layer} head {head}: a {role.value} head must have ratio "
                                  f"{'None' if role.full else 'a number'}, got {ratio!r}")
             if ratio is not None and not ratio > 0:
                 raise ValueError(f"layer {layer} head {head}: ratio must be > 0, got {ratio}")
+        for pivot, sats in clusters.items():
+            for head in (pivot, *sats):
+                if not 0 <= head < len(roles):
+                    raise ValueError(f"layer {layer}: cluster {pivot} -> {list(sats)} names head {head}, "
+                                     f"outside 0..{len(roles) - 1}")  # fmt: skip
         members = [s for sats in clusters.values() for s in sats]
         if len(members) != len(set(members)):
             raise ValueError(f"layer {layer}: a satellite belongs to more than one pivot")
@@ -124,12 +157,15 @@ class HeadProfile:
 
     # -- compatibility and persistence -----------------------------------------------------
     def check(self, spec: ModelSpec) -> None:
-        """Raise ValueError if this profile was measured on a model other than ``spec``."""
+        """Raise ValueError if this profile was measured on a model other than ``spec``.
+
+        Fields in ``OPTIONAL_FINGERPRINT`` that a profile lacks (files written before they
+        were recorded) are unknown, not a mismatch; present, they must match."""
         expected = spec.fingerprint()
         diffs = [
             f"{k}: profile has {self.fingerprint.get(k)!r}, model has {v!r}"
             for k, v in expected.items()
-            if self.fingerprint.get(k) != v
+            if self.fingerprint.get(k) != v and not (k in OPTIONAL_FINGERPRINT and k not in self.fingerprint)
         ]
         if diffs:
             raise ValueError("head profile does not match this model (" + "; ".join(diffs) + ")")
@@ -148,6 +184,9 @@ class HeadProfile:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HeadProfile":
+        if not isinstance(data, dict):
+            raise ValueError(f"not a head profile: expected a JSON object with \"format\": {FORMAT!r}, "
+                             f"got a {type(data).__name__}")  # fmt: skip
         if data.get("format") != FORMAT:
             raise ValueError(f"not a head profile (format {data.get('format')!r}, expected {FORMAT!r})")
         if data.get("version") != VERSION:
@@ -180,7 +219,10 @@ class HeadProfile:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
-        profile = cls.from_dict(data)
-        if spec is not None:
-            profile.check(spec)
+        try:
+            profile = cls.from_dict(data)
+            if spec is not None:
+                profile.check(spec)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
         return profile

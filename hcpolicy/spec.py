@@ -46,6 +46,7 @@ class ModelSpec:
         return {
             "architecture": self.architecture,
             "num_layers": self.num_layers,
+            "num_query_heads": self.num_query_heads,
             "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
         }

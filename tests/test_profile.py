@@ -1,5 +1,6 @@
 import json
 
+import attrs
 import pytest
 import torch
 
@@ -91,6 +92,79 @@ def test_inconsistent_profiles_rejected():
     data["clusters"][1] = {"1": [2]}  # satellite 3 loses its pivot
     with pytest.raises(ValueError, match=r"satellites \[3\] have no pivot"):
         HeadProfile.from_dict(data)
+
+
+@pytest.mark.parametrize("clusters, message", [
+    ({"-2": [1]}, r"layer 0: cluster -2 -> \[1\] names head -2, outside 0\.\.3"),
+    ({"4": [1]}, r"layer 0: cluster 4 -> \[1\] names head 4, outside 0\.\.3"),
+    ({"0": [7]}, r"layer 0: cluster 0 -> \[7\] names head 7, outside 0\.\.3"),
+    ({"0": [-1]}, r"names head -1"),
+    ([[0, 1]], r"layer 0: clusters must map pivot heads to lists of satellite heads"),
+    ({"zero": [1]}, r"layer 0: clusters must map"),
+    ({"0": [1.5]}, r"layer 0: clusters must map"),
+])  # fmt: skip
+def test_cluster_heads_out_of_range_name_layer_and_head(clusters, message):
+    """A negative head once indexed from the end (it ran as another head); one past the
+    heads raised IndexError."""
+    data = make_profile().to_dict()
+    data["clusters"][0] = clusters
+    with pytest.raises(ValueError, match=message):
+        HeadProfile.from_dict(data)
+
+
+def test_unknown_role_and_bad_ratio_name_layer_and_head():
+    data = make_profile().to_dict()
+    data["roles"][1][2] = "satelite"
+    with pytest.raises(ValueError, match=r"layer 1 head 2: unknown role 'satelite' \(known: anchor, volatile, pivot"):
+        HeadProfile.from_dict(data)
+    data = make_profile().to_dict()
+    data["ratios"][0][3] = "0.7"
+    with pytest.raises(ValueError, match=r"layer 0 head 3: ratio must be a number or None, got '0\.7'"):
+        HeadProfile.from_dict(data)
+
+
+@pytest.mark.parametrize("content, kind", [("[1, 2]", "list"), ('"profile"', "str"), ("3", "int"), ("null", "NoneType")])
+def test_a_json_file_that_is_not_an_object_names_the_file(tmp_path, content, kind):
+    path = tmp_path / "list.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=rf"list\.json: not a head profile: expected a JSON object .* got a {kind}"):
+        HeadProfile.load(path)
+    with pytest.raises(ValueError, match="not a head profile"):
+        HeadProfile.from_dict(json.loads(content))
+
+
+def test_fingerprint_carries_the_query_heads():
+    """A profile made on a model with another H_q (same H_kv) is refused; a file written
+    before the fingerprint had ``num_query_heads`` still loads (unknown is not a mismatch)."""
+    profile = make_profile()
+    assert profile.fingerprint["num_query_heads"] == 8
+    other = ModelSpec("synthetic", num_layers=2, num_query_heads=16, num_kv_heads=4, head_dim=16)
+    with pytest.raises(ValueError, match="num_query_heads: profile has 8, model has 16"):
+        profile.check(other)
+    old = make_profile().to_dict()
+    del old["fingerprint"]["num_query_heads"]
+    legacy = HeadProfile.from_dict(old)
+    legacy.check(SPEC)
+    legacy.check(other)  # unknown: the other fields decide
+    with pytest.raises(ValueError, match="head_dim"):
+        legacy.check(ModelSpec("synthetic", 2, 8, 4, 32))
+
+
+def test_load_names_the_file_of_a_mismatch(tmp_path):
+    path = make_profile().save(tmp_path / "mine.json")
+    other = ModelSpec("synthetic", num_layers=2, num_query_heads=16, num_kv_heads=4, head_dim=16)
+    with pytest.raises(ValueError, match=r"mine\.json: head profile does not match this model \(num_query_heads"):
+        HeadProfile.load(path, spec=other)
+
+
+def test_the_shipped_profile_fingerprints_smollm2():
+    from hcpolicy.policy.factory import default_profile_path
+
+    path = default_profile_path("smollm2-135m-instruct")
+    smollm2 = ModelSpec("LlamaForCausalLM", num_layers=30, num_query_heads=9, num_kv_heads=3, head_dim=64)
+    assert HeadProfile.load(path, spec=smollm2).fingerprint == smollm2.fingerprint()
+    with pytest.raises(ValueError, match="num_query_heads: profile has 9, model has 6"):
+        HeadProfile.load(path, spec=attrs.evolve(smollm2, num_query_heads=6))
 
 
 def test_model_spec_validation():
