@@ -191,6 +191,9 @@ def sequence_budgets(
     rows = []
     host_starts = starts.tolist() if isinstance(starts, torch.Tensor) else starts  # a device tensor: one host read
     for b, start in enumerate(host_starts):
+        if start >= prompt_length:
+            raise ValueError(f"sequence {b} of the batch is all padding (it starts at {start} of a "
+                             f"{prompt_length}-token prompt): drop it or give it at least one token")  # fmt: skip
         row_scores = scores[b : b + 1, :, start:prompt_length] if scores is not None else None
         rows.append(allocator.budgets(BudgetRequest(
             spec=spec, layer=layer, length=prompt_length - start, compression=compression, batch_size=1,

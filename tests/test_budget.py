@@ -159,3 +159,13 @@ def test_sequence_budgets_from_host_starts_equal_the_device_ones():
     want = [alloc.budgets(request(s, layer=1, length=n)).tolist()[0] for n in (100, 70)]
     assert got.tolist() == want
     assert sequence_budgets(alloc, s, 1, 0.5, 100, None, None, batch_size=2).shape == (2, 3)
+
+
+def test_a_sequence_that_is_all_padding_gets_no_budget():
+    """A row of left padding alone has no prompt to budget: refused, not budgeted as if
+    it were the whole prompt (what a backend that reads starts as 0 would do)."""
+    s = spec()
+    alloc = UniformAllocator()
+    with pytest.raises(ValueError, match=r"sequence 1 of the batch is all padding \(it starts at 100 of a 100-token"):
+        sequence_budgets(alloc, s, 0, 0.5, 100, None, [0, 100])
+    assert sequence_budgets(alloc, s, 0, 0.5, 100, None, [0, 98]).tolist() == [[50] * 3, [1] * 3]

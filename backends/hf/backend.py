@@ -53,6 +53,30 @@ class HFBackend:
         if reasons:
             raise ValueError(f"the hf backend cannot serve {type(policy).__name__}: " + "; ".join(reasons))
 
+    def check_input(self, input_ids: Any, attention_mask: torch.Tensor | None = None, *, cached: int = 0,
+                    new_tokens: int | None = None) -> None:  # fmt: skip
+        """Raise ValueError for input the model cannot run, before transformers or a policy
+        fails on it deep inside: ``input_ids`` [B, L] after ``cached`` tokens, then
+        ``new_tokens`` to generate. The padding check reads the mask once, at the prompt."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a [batch, tokens] tensor of token ids, got {shape}")
+        batch, length = input_ids.shape
+        if batch == 0 or length == 0:
+            raise ValueError(f"the input is empty (input_ids of shape {(batch, length)}): give each sequence a token")
+        limit, total = self.spec.max_position, cached + length
+        if limit is not None and total > limit:
+            held = f"{cached} cached + {length} new tokens" if cached else f"the prompt of {length} tokens"
+            raise ValueError(f"{held} exceed the model's context of {limit} tokens: shorten the prompt")
+        if limit is not None and new_tokens is not None and total + new_tokens > limit:
+            raise ValueError(f"the prompt ({total} tokens) + max_new_tokens ({new_tokens}) exceed the model's "
+                             f"context of {limit} tokens: shorten the prompt or generate fewer tokens")  # fmt: skip
+        if cached == 0 and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+            empty = (~attention_mask.bool().any(dim=-1)).nonzero().flatten().tolist()  # the one host read
+            if empty:
+                raise ValueError(f"sequences {empty} of the batch are all padding (no 1 in their attention_mask "
+                                 "row): drop them or give each at least one token")  # fmt: skip
+
     @contextmanager
     def attach(self) -> Iterator["HFBackend"]:
         """Route the model's attention through hcpolicy for the duration of the block.
@@ -90,6 +114,7 @@ class HFBackend:
 
     def generate(self, input_ids: torch.Tensor, policy: Policy | None, **kwargs: Any) -> tuple[torch.Tensor, HeadwiseCache]:
         """``model.generate`` with ``policy`` compressing the cache. Returns (sequences, cache)."""
+        self.check_input(input_ids, kwargs.get("attention_mask"), new_tokens=kwargs.get("max_new_tokens"))
         cache = self.new_cache(policy, headroom=kwargs.get("max_new_tokens"))
         with self.attach():
             out = self.model.generate(input_ids, **{compat.cache_kwarg(self.model): cache}, **kwargs)
@@ -137,4 +162,5 @@ class HFBackend:
 
     def forward(self, input_ids: torch.Tensor, cache: HeadwiseCache, **kwargs: Any) -> Any:
         """One model forward over ``input_ids`` with ``cache`` (call inside ``attach()``)."""
+        self.check_input(input_ids, kwargs.get("attention_mask"), cached=cache.get_seq_length())
         return self.model(input_ids, **{compat.cache_kwarg(self.model): cache}, use_cache=True, **kwargs)

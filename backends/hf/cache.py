@@ -52,6 +52,7 @@ class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
 
     # -- transformers' layer interface ------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        self.owner.check_live()
         first = self.seen
         self.seen += key_states.shape[2]
         if self.ragged is None:
@@ -113,6 +114,7 @@ class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
 
     # -- executing actions ---------------------------------------------------------------------------
     def check(self, action: Action) -> None:
+        self.owner.check_live()
         if action.layer != self.index:
             raise ActionError(f"action for layer {action.layer} reached layer {self.index}")
         check_address(action, self.owner.spec.num_layers, self.owner.spec.num_kv_heads)
@@ -175,6 +177,7 @@ class HeadwiseLayer(compat.DynamicLayer, ActionExecutor):
         """``Observation.offloaded``: the full KV ``heads`` held when they were offloaded,
         read back from the host store into a padded [B, H', N, D] cache (the compute stream
         waits for the copy; the host does not)."""
+        self.owner.check_live()
         store = self._make_ragged()
         heads = list(heads)
         missing = [h for h in heads if any((b, h) not in self.host_positions for b in range(store.batch_size))]
@@ -227,6 +230,7 @@ class HeadwiseCache(compat.Cache):
         self.reuse_resident = reuse_resident
         self.starts: torch.Tensor | None = None  # [B] left padding, None without
         self.prompt_length: int | None = None
+        self.released = False  # release() freed everything: the cache cannot be used again
         self.recalls = 0  # Recall actions that moved bytes
         self.sequence_recalls: dict[int, int] = {}  # batch index -> recalls that changed its KV
         self.record_window = record_window
@@ -261,6 +265,7 @@ class HeadwiseCache(compat.Cache):
         Only a cache recorded with enough prompt queries (``record_window``) and not yet
         compressed can be forked; the dense K/V are copied, this cache is left as it is.
         """
+        self.check_live()
         needs = policy.requirements() if policy is not None else Requirements()
         if any(layer.ragged is not None or not layer.prefilled for layer in self.layers):
             raise ValueError("only a complete, uncompressed prefill can be forked")
@@ -319,6 +324,14 @@ class HeadwiseCache(compat.Cache):
         for layer in self.layers:
             layer.reset()
         self.recorded_queries = [None] * self.spec.num_layers
+        self.released = True
+
+    def check_live(self) -> None:
+        """Raise ValueError once ``release`` has run: the KV and host copies are gone, and a
+        forward would silently restart the sequence at position 0."""
+        if self.released:
+            raise ValueError(f"this HeadwiseCache was released (cache.release()): its KV and host copies are gone; "
+                             "start a new one with backend.new_cache(policy)")  # fmt: skip
 
     def runtime_keys(self) -> list[tuple[int, ...]]:
         return [
