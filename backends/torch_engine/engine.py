@@ -135,6 +135,13 @@ class Engine:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         longest = max(lengths)
+        limit = self.mc.max_position  # the model's context: RoPE past it is not what it was trained on
+        if longest > limit:
+            raise ValueError(f"the prompt of {longest} tokens is longer than the model's context of {limit} tokens "
+                             "(max_position): shorten it")  # fmt: skip
+        if longest + max_new_tokens > limit:
+            raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+                             f"{limit} tokens (max_position): shorten the prompt or generate fewer tokens")  # fmt: skip
         if longest + max_new_tokens > self.config.max_seq_len:
             raise ValueError(
                 f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {self.config.max_seq_len}"

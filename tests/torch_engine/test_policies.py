@@ -155,3 +155,16 @@ def test_engine_rejects_bad_input(pair):
     engine.decode(torch.tensor([4]))
     with pytest.raises(RuntimeError, match="max_new_tokens"):
         engine.decode(torch.tensor([4]))
+
+
+def test_engine_rejects_a_prompt_past_the_models_context():
+    """max_seq_len sizes the engine's pages; the model's own context (max_position) is a
+    separate limit that a prompt under max_seq_len can still pass."""
+    from hcpolicy.backends.torch_engine import ModelConfig, random_model
+
+    engine = Engine(random_model(ModelConfig.preset("tiny", max_position=64)), EngineConfig(max_seq_len=256, page_size=8))
+    with pytest.raises(ValueError, match="prompt of 80 tokens is longer than the model's context of 64 tokens"):
+        engine.generate([[5] * 80], 2)
+    with pytest.raises(ValueError, match=r"prompt \(60\) \+ max_new_tokens \(8\) exceeds the model's context of 64"):
+        engine.generate([[5] * 60], 8)
+    assert engine.generate([[5] * 60], 4).tokens.shape[-1] == 4
