@@ -72,8 +72,6 @@ def test_evaluate_rejects_bad_input_in_one_line(args, message, tmp_path, profile
     assert result.output.strip().count("\n") == 0  # one line
 
 
-@pytest.mark.xfail(reason="HeadProfile.load raises AttributeError on a JSON list until profile.py checks the "
-                          "document is an object (the profile-validation change)")  # fmt: skip
 def test_evaluate_rejects_a_profile_that_is_a_json_list(tmp_path, profiles, no_model_load):
     result = runner.invoke(app, ["evaluate", "--output-dir", str(tmp_path), "--profile", str(profiles / "list.json")])
     assert result.exit_code == 2, result.output
