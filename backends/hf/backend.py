@@ -112,10 +112,31 @@ class HFBackend:
             record_window=record_window, reuse_resident=reuse_resident,
         )  # fmt: skip
 
-    def generate(self, input_ids: torch.Tensor, policy: Policy | None, **kwargs: Any) -> tuple[torch.Tensor, HeadwiseCache]:
-        """``model.generate`` with ``policy`` compressing the cache. Returns (sequences, cache)."""
+    def prefill(self, input_ids: torch.Tensor, policy: Policy | None, *, headroom: int | None = None,
+                **kwargs: Any) -> HeadwiseCache:  # fmt: skip
+        """A new cache holding ``input_ids`` [B, L], compressed by ``policy`` before anything
+        follows them: a context compressed once, query-agnostic, that ``generate(cache=...)``
+        then continues with questions. ``kwargs`` go to the forward (``attention_mask``)."""
+        self.check_input(input_ids, kwargs.get("attention_mask"))
+        cache = self.new_cache(policy, headroom=headroom)
+        with torch.no_grad(), self.attach():
+            self.forward(input_ids, cache, **kwargs)
+        return cache
+
+    def generate(
+        self, input_ids: torch.Tensor, policy: Policy | None, *, cache: HeadwiseCache | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, HeadwiseCache]:
+        """``model.generate`` with ``policy`` compressing the cache. Returns (sequences, cache).
+
+        cache: continue this cache (from ``prefill`` or an earlier ``generate``) instead of a
+        new one; ``input_ids`` then start with the tokens it holds, and its own policy keeps
+        acting, so ``policy`` must be None or that same policy."""
         self.check_input(input_ids, kwargs.get("attention_mask"), new_tokens=kwargs.get("max_new_tokens"))
-        cache = self.new_cache(policy, headroom=kwargs.get("max_new_tokens"))
+        if cache is None:
+            cache = self.new_cache(policy, headroom=kwargs.get("max_new_tokens"))
+        elif policy is not None and policy is not cache.policy:
+            raise ValueError("generate(cache=...) continues that cache under its own policy: pass policy=None "
+                             "or the policy the cache was made with")  # fmt: skip
         with self.attach():
             out = self.model.generate(input_ids, **{compat.cache_kwarg(self.model): cache}, **kwargs)
         return out, cache
