@@ -23,15 +23,9 @@ def test_custom_policy_example():
     assert re.search(r"device KV fraction: 0\.250\b", done.stdout), done.stdout
 
 
-def test_engine_generate_example():
-    """The README's engine snippet (examples/engine_generate.py) runs as written and reports
-    KV bytes on the device and satellites' KV on the host."""
+def test_engine_generate_example_is_the_readme_snippet():
+    """examples/engine_generate.py is the README's engine snippet, which tests/test_readme.py
+    runs (and checks its device and host byte counts)."""
     readme = (EXAMPLES.parent / "README.md").read_text()
     code = (EXAMPLES / "engine_generate.py").read_text()
     assert code[code.index("from transformers") :] in readme  # the README shows this file's code
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "engine_generate.py")], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    *_, device, host = done.stdout.split()
-    assert int(device) > 0 and int(host) > 0

@@ -88,32 +88,57 @@ def print_table(records: Iterable[Record], console: Console) -> None:
         console.print("[dim]no results[/dim]")
         return
     for (model, protocol, length), rows in groups.items():
-        tasks = _tasks(rows)
-        show_recalls = any(row.recalls for row in rows)
-        table = Table(title=f"{protocol} · {length} tokens · {model}", title_justify="left")
-        table.add_column("policy")
-        table.add_column("budget", justify="right")
-        table.add_column("KV on device", justify="right")
-        for task in tasks:
-            table.add_column(task, justify="right")
-        table.add_column("mean", justify="right", style="bold")
-        if show_recalls:
-            table.add_column("recalls", justify="right")
-        best = {t: max(row.scores.get(t, -1.0) for row in rows) for t in tasks}
-        for row in rows:
-            cells = [
-                f"[bold green]{_pct(row.scores[t])}[/]" if row.scores.get(t) == best[t] else
-                _pct(row.scores.get(t))
-                for t in tasks
-            ]  # fmt: skip
-            extra = [str(row.recalls)] if show_recalls else []
-            style = "dim" if row.policy == FULL_POLICY else None
-            table.add_row(
-                row.policy, f"{row.compression:g}", _pct(row.device_fraction), *cells, _pct(row.mean), *extra,
-                style=style,
-            )  # fmt: skip
+        title = f"{protocol} · {length} tokens · {model}"
+        table = _policy_rows(title, rows)  # too wide for the terminal: turned, a column per policy
+        if console.measure(table, options=console.options.update_width(10_000)).maximum > console.width:
+            table = _task_rows(title, rows)
         console.print(table)
     console.print("[dim]scores in %, mean over samples (and seeds); KV on device = device / full KV bytes[/dim]")
+
+
+def _cells(rows: list[Row], task: str) -> list[str]:
+    """Each row's score on ``task`` in %, the best in bold green."""
+    best = max(row.scores.get(task, -1.0) for row in rows)
+    return [f"[bold green]{_pct(row.scores[task])}[/]" if row.scores.get(task) == best else _pct(row.scores.get(task))
+            for row in rows]  # fmt: skip
+
+
+def _policy_rows(title: str, rows: list[Row]) -> Table:
+    """A row per policy and budget, a column per task."""
+    tasks = _tasks(rows)
+    show_recalls = any(row.recalls for row in rows)
+    table = Table(title=title, title_justify="left")
+    table.add_column("policy")
+    table.add_column("budget", justify="right")
+    table.add_column("KV on device", justify="right")
+    for task in tasks:
+        table.add_column(task, justify="right")
+    table.add_column("mean", justify="right", style="bold")
+    if show_recalls:
+        table.add_column("recalls", justify="right")
+    by_task = [_cells(rows, t) for t in tasks]
+    for i, row in enumerate(rows):
+        extra = [str(row.recalls)] if show_recalls else []
+        style = "dim" if row.policy == FULL_POLICY else None
+        table.add_row(row.policy, f"{row.compression:g}", _pct(row.device_fraction), *(c[i] for c in by_task),
+                      _pct(row.mean), *extra, style=style)  # fmt: skip
+    return table
+
+
+def _task_rows(title: str, rows: list[Row]) -> Table:
+    """The same numbers turned: a row per task, a column per policy and budget (narrow terminals)."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("task")
+    for row in rows:
+        table.add_column(f"{row.policy}\n{row.compression:g}", justify="right",
+                         style="dim" if row.policy == FULL_POLICY else None)  # fmt: skip
+    for task in _tasks(rows):
+        table.add_row(task, *_cells(rows, task))
+    table.add_row("mean", *(f"[bold]{_pct(row.mean)}[/]" for row in rows), end_section=True)
+    table.add_row("KV on device", *(_pct(row.device_fraction) for row in rows))
+    if any(row.recalls for row in rows):
+        table.add_row("recalls", *(str(row.recalls) for row in rows))
+    return table
 
 
 def markdown_table(records: Iterable[Record]) -> str:

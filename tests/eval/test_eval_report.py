@@ -29,10 +29,22 @@ def grid() -> list[Record]:
     return out
 
 
-def render(records) -> str:
-    console = Console(record=True, width=200, file=io.StringIO())
+def render(records, width: int = 200) -> str:
+    console = Console(record=True, width=width, file=io.StringIO())
     print_table(records, console)
     return console.export_text()
+
+
+def test_a_table_too_wide_for_the_terminal_turns_to_a_column_per_policy():
+    assert "budget" in render(grid(), width=80)  # 78 columns wide: a row per policy
+    narrow = render(grid(), width=72)
+    assert "budget" not in narrow
+    assert max(len(line) for line in narrow.splitlines()) <= 72
+    header = next(line for line in narrow.splitlines() if "heterocache" in line)
+    assert header.count("heterocache") == 2 and "full" in header  # policies across the top
+    rows = {line.strip("│ ").split()[0]: line for line in narrow.splitlines() if line.startswith("│")}
+    assert {"niah_single", "drift", "mean", "KV", "recalls"} <= set(rows)
+    assert "40.5" in rows["mean"] and "36.0" in rows["KV"]  # heterocache 0.2, as in the wide table
 
 
 def test_table_has_a_row_per_policy_and_budget_and_a_column_per_task():
