@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
-import os
+import tempfile
 import types
 from array import array
 from pathlib import Path
@@ -67,11 +67,11 @@ def runtime() -> None:
     reset_context()
     publish(args, role="test", ranks=SpawnRanks(world_rank=0))
     set_global_server_args_for_scheduler(args)
-    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29731", RANK="0", WORLD_SIZE="1",
-                           LOCAL_RANK="0").items():  # fmt: skip
-        os.environ.setdefault(key, value)
     if not torch.distributed.is_initialized():
-        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo")
+        # a file store, not a TCP port: two test runs on one machine must not collide
+        store = Path(tempfile.mkdtemp(prefix="hcpolicy-sglang-")) / "process-group"
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                     distributed_init_method=f"file://{store}")  # fmt: skip
         initialize_model_parallel(backend="gloo")
 
 
