@@ -122,6 +122,19 @@ def test_a_bad_recall_raises_when_it_lands(model):
         assert torch.equal(k0, k1) and torch.equal(v0, v1) and torch.equal(p0, p1)
 
 
+def test_an_in_place_recall_of_a_position_never_offloaded_raises(model):
+    """As the async path refuses it when it lands, the in-place path refuses it at once: no
+    entry takes the K/V of the nearest offloaded row, and every head keeps its selection."""
+    engine = prefilled(model, "next_step", length=100)
+    before = device_kv(engine)
+    sel = Selection(indices=torch.tensor([[[3, 10, 150]]]), lengths=torch.tensor([[3]]))  # 150: past the prompt
+    with pytest.raises(ActionError, match="never offloaded"):
+        engine.executor.apply([Recall(layer=1, heads=(1,), selection=sel)])
+    assert engine.executor.recalled_rows == 0
+    for (k0, v0, p0), (k1, v1, p1) in zip(before, device_kv(engine)):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1) and torch.equal(p0, p1)
+
+
 def test_device_decisions_act_during_the_next_steps(model):
     """With a DeviceMonitor and async recalls the window decided after step s is acted on
     a share of the fired pivots per step from s + 1 on (spread over the steps before the
