@@ -215,3 +215,35 @@ def test_prefill_selection_carries_its_host_lengths(starts, host_starts):
         assert torch.equal(sats.host_lengths, sats.lengths)
         assert torch.equal(pol._budgets_host[(layer, pivot)], sats.lengths)
         assert pol._widths[(layer, pivot)] == int(sats.lengths.max())
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_sequence_whose_trigger_did_not_fire_keeps_its_selection(batched):
+    """Batch of two: sequence 0 decodes with its last prompt query (the pivot's top-k is its
+    reference: overlap 1, no fire), sequence 1 with a new one (fires at tau=1). The Recall
+    re-selects sequence 1 from the pivot's scores and gives sequence 0 its old selection."""
+    from hcpolicy.drift import WindowedOverlap
+
+    pol = HeteroCachePolicy(profile=profile(), compression=0.7, trigger=WindowedOverlap(window=1, tau=1.0))
+    gen = torch.Generator().manual_seed(6)
+    keys = [torch.randn(2, 4, L, 16, generator=gen) for _ in range(2)]
+    prompt_q = [torch.randn(2, 8, 1, 16, generator=gen) for _ in range(2)]
+    pol.reset(SPEC, 2)
+    selected = {}
+    for layer in range(2):
+        (select,) = [a for a in pol.prefill(prefill_obs(layer, prompt_q[layer], keys[layer])) if isinstance(a, Select)]
+        selected[layer] = select
+    layer, pivot, sat = 0, 0, 1  # layer 0: pivot 0 -> satellite 1
+    old = selected[layer].selection.as_lists()
+    old_sat = [old[b][selected[layer].heads.index(sat)] for b in range(2)]
+    q = [p.clone() for p in prompt_q]
+    q[layer][1] = torch.randn(8, 1, 16, generator=gen)
+    observations = [decode_obs(i, 0, q[i], LayerCache.dense(keys[i])) for i in range(2)]
+    actions = pol.decode_layers(observations)[layer] if batched else pol.decode(observations[layer])
+    (recall,) = actions
+    assert isinstance(recall, Recall) and recall.heads == (sat,)
+    now = recall.selection.as_lists()
+    assert now[0][0] == old_sat[0]  # idle: unchanged
+    budget = int(pol._budgets_host[(layer, pivot)][1, 0])
+    fresh = sorted(torch.topk(naive_scores(q[layer][1, :, 0], keys[layer][1])[pivot], budget).indices.tolist())
+    assert now[1][0] == fresh != old_sat[1]  # fired: the pivot's top tokens, a new selection
