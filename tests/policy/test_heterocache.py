@@ -247,3 +247,33 @@ def test_a_sequence_whose_trigger_did_not_fire_keeps_its_selection(batched):
     budget = int(pol._budgets_host[(layer, pivot)][1, 0])
     fresh = sorted(torch.topk(naive_scores(q[layer][1, :, 0], keys[layer][1])[pivot], budget).indices.tolist())
     assert now[1][0] == fresh != old_sat[1]  # fired: the pivot's top tokens, a new selection
+
+
+def test_a_question_refresh_drops_the_pivot_queries_buffered_before_it():
+    """EveryN(2) decides at odd steps. One query is buffered at step 0; a question (steps
+    1-4) refreshes the layer. The next window is the question's aftermath only: no decision
+    at step 5 (one query buffered), one at step 6; a stale step-0 query would complete a
+    window at step 5 and recall from it."""
+    pol = HeteroCachePolicy(profile=profile(), compression=0.7, trigger=EveryN(n=2))
+    assert pol.refresh
+    gen = torch.Generator().manual_seed(8)
+    keys = [torch.randn(1, 4, L, 16, generator=gen) for _ in range(2)]
+    pol.reset(SPEC, 1)
+    for layer in range(2):
+        pol.prefill(prefill_obs(layer, torch.randn(1, 8, 1, 16, generator=gen), keys[layer]))
+    layer, view = 0, LayerCache.dense(keys[0])
+
+    def step(at: int, tokens: int = 1) -> list:
+        obs = Observation(
+            phase=Phase.DECODE, layer=layer, queries=torch.randn(1, 8, tokens, 16, generator=gen),
+            query_positions=torch.arange(L + at, L + at + tokens), cache=view, prompt_length=L, step=at,
+            offloaded=lambda heads: LayerCache.dense(keys[layer][:, list(heads)]),
+        )  # fmt: skip
+        return list(pol.decode(obs))
+
+    assert step(0) == []  # buffered: half a window
+    (refresh,) = step(1, tokens=4)  # the question
+    assert isinstance(refresh, Recall) and refresh.heads == (1, 3)  # every compressed head, from the host
+    assert step(5) == []
+    (recall,) = step(6)
+    assert isinstance(recall, Recall) and recall.heads == (1,)
