@@ -160,3 +160,17 @@ def test_release_frees_host_copies_and_storage(llama):
     assert cache.host_bytes() == 0 and len(cache.runtime) == 0
     assert cache.kv_bytes_device() == 0
     assert all(layer.ragged is None and layer.keys is None for layer in cache.layers)
+
+
+def test_a_reset_layer_forgets_its_offloaded_heads(llama):
+    """Layer reset (what ``release`` and transformers' ``Cache.reset`` call) drops the host
+    positions with the storage: no runtime key names an evicted copy, and a second release
+    finds nothing to evict."""
+    backend = HFBackend(llama)
+    policy = HeteroCachePolicy(profile=synthetic_profile(backend.spec), compression=0.7)
+    cache, _ = prefill(backend, policy, prompt(length=64))
+    assert cache.runtime_keys()  # the satellites were offloaded
+    cache.release()
+    assert cache.runtime_keys() == []
+    cache.release()  # idempotent: a stale key would raise KeyError from the runtime's evict
+    assert cache.host_bytes() == 0
