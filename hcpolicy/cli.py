@@ -253,18 +253,20 @@ QUICK = Preset(policy="full,heterocache,pyramidkv,streamingllm", compression="0.
 EXHAUSTIVE = Preset(policy=None, compression="0.4,0.5", samples=4)
 
 
-def report_finished(plan: EvalPlan, model: str, store: Any, factory: Callable[[str, float], Any]) -> None:
-    """One line on the cells a re-run finds in the results already and skips."""
+def report_finished(plan: EvalPlan, model: str, store: Any, factory: Callable[[str, float], Any]) -> bool:
+    """One line on the cells a re-run finds in the results already and skips; True when they
+    are all of the plan's cells (there is then nothing to run)."""
     from hcpolicy.eval.runner import build_policies, pending
 
     labels = list(build_policies(plan, factory)[0])
-    _, done = pending(plan, model, store, labels)
+    todo, done = pending(plan, model, store, labels)
     if done:
         names = sorted({f"{c.policy}@{c.compression:g}" for c in done})
         console.print(
             f"skipping {len(done)} cells already in {store.json_path} ({', '.join(names)}); "
             "delete it or use another --output-dir to run them again", soft_wrap=True, highlight=False,
         )  # fmt: skip
+    return bool(done) and not todo
 
 
 @contextmanager
@@ -328,7 +330,6 @@ def evaluate_command(
         samples, seed, batch_size if batch_size is not None else samples,
     )  # fmt: skip
     from hcpolicy.eval import ResultStore
-    from hcpolicy.eval.report import plot, print_table
     from hcpolicy.eval.runner import run
     from hcpolicy.policy.factory import build_policy, default_profile_path
 
@@ -345,6 +346,10 @@ def evaluate_command(
 
     if loaded is not None:
         check_something_runs(plan, factory)
+    store = ResultStore(output_dir)
+    if callable(model_name) and report_finished(plan, model_name(model), store, factory):
+        show_results(store, output_dir)  # every cell is in the results already: no model to load
+        return
     console.print(f"loading {model or 'the embedded default model'} (a GGUF file is converted on its first load, "
                   "about a minute, and read from the cache after)", highlight=False, soft_wrap=True)  # fmt: skip
     generator = evaluator.evaluator(model)
@@ -354,14 +359,21 @@ def evaluate_command(
     if loaded is not None:
         loaded.check(generator.backend.spec)  # the fingerprint needs the loaded model's spec
 
-    store = ResultStore(output_dir)
-    report_finished(plan, generator.model_name, store, factory)
+    if not callable(model_name):
+        report_finished(plan, generator.model_name, store, factory)
     with progress_display() as progress:
         _, skipped = run(plan, generator, factory, store, progress=progress)
     if not store.records:
         raise UserError(f"nothing ran, so there is nothing to report: {refusals(skipped)}")
     for s in skipped:
         console.print(f"[yellow]skipped[/yellow] {s.policy} at {s.compression:g}: {s.reason}", soft_wrap=True)
+    show_results(store, output_dir)
+
+
+def show_results(store: Any, output_dir: Path) -> None:
+    """The tables, the plots and where the files are."""
+    from hcpolicy.eval.report import plot, print_table
+
     print_table(store.records, console)
     paths = plot(store.records, output_dir / "scores.png")
     console.print(f"results: {store.json_path}, {store.csv_path}; plots: {', '.join(map(str, paths))}")

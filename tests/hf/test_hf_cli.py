@@ -78,7 +78,7 @@ def test_profile_for_another_model(model_dir, tmp_path):
     assert "does not match this model" in result.output and "num_layers" in result.output
 
 
-def test_profile_then_evaluate(model_dir, tmp_path):
+def test_profile_then_evaluate(model_dir, tmp_path, monkeypatch):
     profile = tmp_path / "tiny.json"
     result = runner.invoke(app, ["profile", "--model", str(model_dir), "--output", str(profile), "--tokens", "300",
                                  "--samples", "2", "--steps", "6", "--top-k", "0.2", "--tau-stable", "0"])  # fmt: skip
@@ -99,6 +99,15 @@ def test_profile_then_evaluate(model_dir, tmp_path):
     snap = [r for r in records if r["policy"] == "snapkv"]
     assert all(abs(r["kv_bytes_device"] / r["kv_bytes_full"] - 0.5) < 0.02 for r in snap)
     assert (out / "results.csv").is_file() and (out / "scores.png").is_file()
-    again = runner.invoke(app, args)  # finished cells are skipped: nothing new is appended
-    assert again.exit_code == 0
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("every cell is in the results already: the model is not needed")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    again = runner.invoke(app, args)  # finished cells are skipped: nothing new is appended, nothing loads
+    assert again.exit_code == 0, again.output
+    assert "skipping 4 cells already in" in again.output and "loading" not in again.output
     assert len(json.loads((out / "results.json").read_text())) == len(records)
+    more = runner.invoke(app, args + ["--compression", "0.4,0.5"])  # snapkv at 0.4 is new: it needs the model
+    assert isinstance(more.exception, AssertionError) and "skipping 4 cells" in more.output
