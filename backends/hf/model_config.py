@@ -4,13 +4,15 @@
 embedded default included) carry it in their metadata as ``{architecture}.context_length``;
 folders and hub ids in ``config.json`` (``max_position_embeddings``, through AutoConfig).
 ``gguf.GGUFReader`` would parse every field, the 49k-entry vocabulary included (5 s for the
-default model); ``gguf_context_length`` reads the header only up to the key it needs.
+default model); ``gguf_metadata`` reads the header's scalars and strings, skipping arrays, and
+stops at the key it needs (``stops.gguf_tokens`` reads its special-token fields with it too).
 """
 
 from __future__ import annotations
 
 import struct
 from pathlib import Path
+from collections.abc import Callable
 from typing import BinaryIO
 
 from .loading import locate
@@ -40,23 +42,35 @@ def context_limit(model: str | None) -> int | None:
 
 def gguf_context_length(path: Path) -> int | None:
     """``{general.architecture}.context_length`` of a GGUF file (v2 or later), or None."""
+
+    def key(fields: dict[str, object]) -> str | None:
+        return f"{fields['general.architecture']}.context_length" if "general.architecture" in fields else None
+
+    fields = gguf_metadata(path, done=lambda fields: key(fields) in fields)
+    value = fields.get(key(fields) or "")
+    return None if value is None else int(value)
+
+
+def gguf_metadata(path: Path, *, done: Callable[[dict[str, object]], bool] | None = None) -> dict[str, object]:
+    """The scalar and string metadata of a GGUF file (v2 or later; arrays are skipped), read
+    in file order until ``done(fields so far)`` is true; empty for a v1 file."""
+    fields: dict[str, object] = {}
     with open(path, "rb") as f:
         if f.read(4) != _MAGIC:
             raise ValueError(f"{path} is not a GGUF file")
         (version,) = _unpack(f, "<I")
         if version < 2:  # v1 counted with 32-bit integers; llama.cpp dropped it in 2023
-            return None
+            return fields
         _tensors, count = _unpack(f, "<QQ")
-        architecture = None
         for _ in range(count):
             key = _string(f)
             (kind,) = _unpack(f, "<I")
             value = _value(f, kind)
-            if key == "general.architecture":
-                architecture = value
-            elif architecture is not None and key == f"{architecture}.context_length":
-                return int(value)
-    return None
+            if value is not None:
+                fields[key] = value
+                if done is not None and done(fields):
+                    break
+    return fields
 
 
 def _unpack(f: BinaryIO, fmt: str) -> tuple:

@@ -43,18 +43,15 @@ def stop_token_ids(model: Any, tokenizer: Any = None) -> frozenset[int]:
 
 
 def gguf_tokens(path: Path) -> GGUFTokens:
-    """Read the special-token metadata of a GGUF file (a few seconds: the reader parses the
-    whole vocabulary; only a first, uncached load pays it)."""
-    from gguf import GGUFReader
+    """Read the special-token metadata of a GGUF file."""
+    from .model_config import gguf_metadata
 
-    reader = GGUFReader(str(path))
+    fields = gguf_metadata(path)
     stops: list[int] = []
     for key in _STOP_KEYS:
-        field = reader.get_field(key)
-        if field is not None and int(field.contents()) not in stops:
-            stops.append(int(field.contents()))
-    fields = {name: reader.get_field(key) for name, key in _ADD_KEYS.items()}
-    adds = {name: bool(field.contents()) for name, field in fields.items() if field is not None}
+        if key in fields and int(fields[key]) not in stops:
+            stops.append(int(fields[key]))
+    adds = {name: bool(fields[key]) for name, key in _ADD_KEYS.items() if key in fields}
     return GGUFTokens(stop_ids=tuple(stops), adds=adds)
 
 
