@@ -219,17 +219,11 @@ def read_profile(path: Path) -> HeadProfile:
 
 def check_something_runs(plan: EvalPlan, factory: Callable[[str, float], Any]) -> None:
     """Fail before the model loads when every policy refuses every compression."""
-    from hcpolicy.eval.runner import FULL, Skipped
+    from hcpolicy.eval.runner import build_policies
 
-    refused = []
-    for name in plan.policies:
-        for c in (1.0,) if name == FULL else plan.compressions:
-            try:
-                factory(name, c)
-                return
-            except ValueError as err:
-                refused.append(Skipped(name, c, str(err)))
-    raise UserError(f"nothing to run: {refusals(refused)}")
+    built, refused = build_policies(plan, factory)
+    if not built:
+        raise UserError(f"nothing to run: {refusals(refused)}")
 
 
 def refusals(skipped: list[Any]) -> str:
