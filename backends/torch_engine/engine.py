@@ -35,11 +35,11 @@ import torch
 
 from hcpolicy.actions import Attend, Offload, Recall, Select
 from hcpolicy.capabilities import Capabilities, Requirements, unmet
+from hcpolicy.kernels.paged_decode import paged_decode, resolve_kernel
 from hcpolicy.observe import Observation, Phase
 from hcpolicy.policy.base import Policy
 from hcpolicy.runtime import TransferRuntime
 
-from .decode import paged_decode, resolve_kernel
 from .engine_config import EngineConfig, GenerateOutput
 from .executor import PagedExecutor
 from .fused import resolve_ops

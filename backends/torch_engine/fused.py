@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .decode import have_triton
+from hcpolicy.kernels._triton import have_triton
+
 from .rope import apply_rope, rope_cos_sin
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

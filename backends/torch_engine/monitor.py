@@ -1,8 +1,8 @@
 """DeviceMonitor: a policy's window decisions (``hcpolicy.monitor.WindowPlan``) on the device.
 
 Every decode step, the decode kernel leaves each monitored head's prompt logits and
-per-tile softmax sums in slot ``step % window`` of a ring (a ``decode.Tap``, written
-where the keys are read anyway). After the step that completes a window, ``decide``
+per-tile softmax sums in slot ``step % window`` of a ring (a ``kernels.paged_decode.Tap``,
+written where the keys are read anyway). After the step that completes a window, ``decide``
 scores the whole window with a handful of kernels and no host sync: softmax rows, group
 reduce and pooling (``kernels.window_scores``), the k-th largest score of each row
 (``kernels.select``), each row's overlap with its monitor's reference set, and the
@@ -24,11 +24,11 @@ import torch
 
 from hcpolicy._device import upload
 from hcpolicy.actions import Action
+from hcpolicy.kernels._triton import have_triton
+from hcpolicy.kernels.paged_decode import Tap
 from hcpolicy.kernels.select import kth_largest
 from hcpolicy.kernels.window_scores import window_scores
 from hcpolicy.monitor import WindowPlan, reference_masks, window_overlaps
-
-from .decode import Tap, have_triton
 
 if TYPE_CHECKING:
     from .engine import Engine

@@ -33,8 +33,8 @@ def timed(fn, reps: int) -> float:
 def tap_cost(n: int, reps: int) -> dict[str, float]:
     """One layer's decode kernel (8 KV heads x n entries, G = 4, bf16) without and with a
     tap on head 0: what the tap adds to every decode step, per layer."""
-    from hcpolicy.backends.torch_engine._paged_decode_triton import paged_decode_triton
-    from hcpolicy.backends.torch_engine.decode import Tap
+    from hcpolicy.kernels._paged_decode_triton import paged_decode_triton
+    from hcpolicy.kernels.paged_decode import Tap
     from hcpolicy.kernels._ragged_decode_triton import block_d_of, tiling
     from hcpolicy.kernels.ragged_decode import DecodeConfig
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine_helpers import dense_decode_f64, random_paged, run_interpreted
-from hcpolicy.backends.torch_engine.decode import paged_decode, paged_decode_torch, resolve_kernel
 from hcpolicy.backends.torch_engine.pages import OutOfPages, PageAllocator
+from hcpolicy.kernels.paged_decode import paged_decode, paged_decode_torch, resolve_kernel
 
 CASES = [  # G, D, lengths [B][H_kv], page size
     (4, 64, [[70, 0], [1, 33]], 16),
@@ -68,7 +68,7 @@ INTERPRETER_SCRIPT = r"""
 import json, torch
 from engine_helpers import dense_decode_f64, random_paged
 from hcpolicy.kernels.ragged_decode import DecodeConfig
-from hcpolicy.backends.torch_engine._paged_decode_triton import paged_decode_triton
+from hcpolicy.kernels._paged_decode_triton import paged_decode_triton
 cases = [  # dtype, G, D, lengths, page size, config
     ("float32", 4, 64, [[70, 0], [1, 33]], 16, dict(block_n=16, min_chunk=16, programs_per_sm=1)),
     ("float16", 1, 48, [[17, 64], [0, 5]], 8, dict(block_n=16, min_chunk=32, programs_per_sm=1)),

@@ -10,8 +10,8 @@ import torch
 
 from engine_helpers import run_interpreted, small_engine, small_llama, synthetic_profile, token_ids as ids
 from hcpolicy.backends.torch_engine import Engine, EngineConfig
-from hcpolicy.backends.torch_engine.decode import Tap, paged_decode
 from hcpolicy.drift import EveryN, WindowedOverlap
+from hcpolicy.kernels.paged_decode import Tap, paged_decode
 from hcpolicy.policy.heterocache import HeteroCachePolicy
 
 pytest.importorskip("transformers")
@@ -113,8 +113,8 @@ from hcpolicy.kernels.ragged_decode import DecodeConfig
 from hcpolicy.kernels.window_scores import window_scores_reference, softmax_sums
 from hcpolicy.kernels._window_scores_triton import overlap_counts_triton, softmax_shift_triton, window_scores_triton
 from hcpolicy.kernels._select_triton import kth_largest_triton
-from hcpolicy.backends.torch_engine._paged_decode_triton import paged_decode_triton
-from hcpolicy.backends.torch_engine.decode import Tap, paged_decode_torch
+from hcpolicy.kernels._paged_decode_triton import paged_decode_triton
+from hcpolicy.kernels.paged_decode import Tap, paged_decode_torch
 gen = torch.Generator().manual_seed(0)
 lengths, page, g, d, prompt = [[70, 50, 64], [70, 3, 66]], 8, 2, 16, 61
 kv, table, lens, _, _ = random_paged(lengths, d, page, torch.float32, gen)

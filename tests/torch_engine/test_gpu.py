@@ -21,7 +21,7 @@ pytestmark = pytest.mark.gpu
     (7, 64, [[777, 12]], 1),  # row table (Attend views), odd group
 ])  # fmt: skip
 def test_triton_paged_decode_matches_float64(dtype, group, dim, lengths, page):
-    from hcpolicy.backends.torch_engine._paged_decode_triton import paged_decode_triton
+    from hcpolicy.kernels._paged_decode_triton import paged_decode_triton
 
     gen = torch.Generator().manual_seed(0)
     kv, table, lens, keys, values = random_paged(lengths, dim, page, dtype, gen, device="cuda")

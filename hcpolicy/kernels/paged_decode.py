@@ -139,7 +139,7 @@ def paged_decode(
     if tap is not None and max_length < tap.prompt:
         raise ValueError(f"max_length {max_length} does not cover the tapped prompt ({tap.prompt})")
     if kernel == "triton":
-        from ._paged_decode_triton import paged_decode_triton
+        from hcpolicy.kernels._paged_decode_triton import paged_decode_triton
 
         check_inputs(q, kv, table, lengths, page_size)
         return paged_decode_triton(q, kv, table, lengths, page_size, float(scale), max_length, config or DecodeConfig(),

@@ -28,7 +28,7 @@ import triton.language as tl
 from hcpolicy.kernels._ragged_decode_triton import _combine_kernel, block_d_of, n_sm_of, partials_shapes, tiling
 from hcpolicy.kernels.ragged_decode import DecodeConfig, plan_chunks
 
-from .decode import Tap
+from hcpolicy.kernels.paged_decode import Tap
 
 
 @triton.jit
