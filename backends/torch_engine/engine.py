@@ -283,14 +283,14 @@ class Engine:
         q0 = q[:, :, 0]  # [B, H_q, D]
         if layer in exe.attend_views:
             rows, lengths, width = exe.row_table(layer)
-            out = paged_decode(q0, kv.kv, rows, lengths, 1, self.scale, max_length=width, kernel=self.kernel,
-                               config=self.config.decode_config)  # fmt: skip
+            out = paged_decode(q0, kv.keys, kv.values, rows, lengths, 1, self.scale, max_length=width,
+                               kernel=self.kernel, config=self.config.decode_config)  # fmt: skip
         else:
             tap = self.monitor.tap(layer) if self.monitor is not None else None
             work = int(kv.host_lengths[layer, :b].sum())  # balances the grid: heads keep unequal lengths
-            out = paged_decode(q0, kv.kv, kv.page_table[layer], kv.lengths[layer], kv.page_size, self.scale,
-                               max_length=bound, kernel=self.kernel, config=self.config.decode_config, tap=tap,
-                               work=work)  # fmt: skip
+            out = paged_decode(q0, kv.keys, kv.values, kv.page_table[layer], kv.lengths[layer], kv.page_size,
+                               self.scale, max_length=bound, kernel=self.kernel, config=self.config.decode_config,
+                               tap=tap, work=work)  # fmt: skip
         return out.view(b, 1, -1)
 
     def _observe(self, layer: int, queries: torch.Tensor, first_step: int) -> None:

@@ -41,6 +41,7 @@ class PagedKV:
         self.allocator = PageAllocator(num_pages)
         self.trash_row = num_pages * page_size
         self.kv = torch.zeros((num_pages + 1) * page_size, 2, head_dim, dtype=dtype, device=device)  # [R, 2, D]
+        self.keys, self.values = self.kv[:, 0], self.kv[:, 1]  # [R, D] views, row stride 2D: what decode reads
         self.positions = torch.zeros((num_pages + 1) * page_size, dtype=torch.int64, device=device)  # [R]
         shape = (num_layers, batch_size, num_kv_heads)
         self._table = torch.zeros(*shape, max_pages_per_head, dtype=torch.int64, device=device)  # [N, B, H, M]

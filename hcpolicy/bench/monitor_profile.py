@@ -40,7 +40,8 @@ def tap_cost(n: int, reps: int) -> dict[str, float]:
 
     page, h, g, d = 64, 8, 4, 128
     pages = h * n // page
-    kv = torch.randn(pages * page, 2, d, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(pages * page, 2, d, device="cuda", dtype=torch.bfloat16)  # the engine's pool layout
+    k, v = kv[:, 0], kv[:, 1]  # [R, D] each, row stride 2D
     table = torch.arange(pages, device="cuda").view(1, h, -1)
     lengths = torch.full((1, h), n, device="cuda")
     q = torch.randn(1, h * g, d, device="cuda", dtype=torch.bfloat16)
@@ -51,8 +52,8 @@ def tap_cost(n: int, reps: int) -> dict[str, float]:
               logits=torch.empty(1, 1, 1, g, prompt, device="cuda"),
               stats=torch.empty(1, 1, 1, g, -(-prompt // tile), 2, device="cuda"),
               slot=torch.zeros(1, dtype=torch.int64, device="cuda"), prompt=prompt, tile=tile)  # fmt: skip
-    plain = timed(lambda: paged_decode_triton(q, kv, table, lengths, page, d**-0.5, n, config), reps)
-    tapped = timed(lambda: paged_decode_triton(q, kv, table, lengths, page, d**-0.5, n, config, tap=tap), reps)
+    plain = timed(lambda: paged_decode_triton(q, k, v, table, lengths, page, d**-0.5, n, config), reps)
+    tapped = timed(lambda: paged_decode_triton(q, k, v, table, lengths, page, d**-0.5, n, config, tap=tap), reps)
     return {"plain_ms": plain, "tapped_ms": tapped, "ratio": tapped / plain, "entries": n}
 
 

@@ -5,8 +5,10 @@
 for all G query heads of the group (GQA: a [BLOCK_G, D] query tile, G padded to the 16
 rows a tensor-core dot needs), with an online softmax in fp32, and writes the chunk's
 normalised output and log2-sum-exp. Each tile looks its rows up in the head's page table
-(a vector load: any page size, including 1 for row tables). Programs past a head's length
-exit at once, so the grid depends on the host bound ``max_length`` only (CUDA graphs).
+(a vector load: any page size, including 1 for row tables; int32 or int64 page ids) and
+loads them from ``keys`` and ``values``, each at its own row stride (row offsets in
+int64: pools can pass 2**31 elements). Programs past a head's length exit at once, so
+the grid depends on the host bound ``max_length`` only (CUDA graphs).
 The merge of the chunks is ``hcpolicy.kernels``' ragged-decode combine kernel, reused.
 
 With a ``Tap`` (``TAP``), a monitored head's programs also store the prompt part of their
@@ -32,21 +34,22 @@ from hcpolicy.kernels.paged_decode import Tap
 
 
 @triton.jit
-def _tile(q, kv_ptr, table, n0, hi, offs_n, offs_d, d_ok, page_size, stride_kvs, stride_kvt, qk_scale, m_i, l_i, acc,
-          D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+def _tile(q, k_ptr, v_ptr, table, n0, hi, offs_n, offs_d, d_ok, page_size, stride_ks, stride_vs, qk_scale, m_i, l_i,
+          acc, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
     """One BLOCK_N tile of the online softmax: the updated (m, l, acc), and the tile's
     logits s, entries and exp2(s - m) (what a tap stores)."""
     entries = n0 + offs_n  # [BLOCK_N]
     n_ok = entries < hi
-    page = tl.load(table + entries // page_size, mask=n_ok, other=0)  # int64 page ids
-    rows = page * page_size + entries % page_size  # [BLOCK_N] int64 pool rows
-    k_ptrs = kv_ptr + rows[:, None] * stride_kvs + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    page = tl.load(table + entries // page_size, mask=n_ok, other=0).to(tl.int64)  # int32 or int64 page ids
+    rows = page * page_size + entries % page_size  # [BLOCK_N] int64 rows
+    k_ptrs = k_ptr + rows[:, None] * stride_ks + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    v_ptrs = v_ptr + rows[:, None] * stride_vs + offs_d[None, :]
     if D == BLOCK_D:
         k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
-        v = tl.load(k_ptrs + stride_kvt, mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(k_ptrs + stride_kvt, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
     s = tl.where(n_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -59,9 +62,9 @@ def _tile(q, kv_ptr, table, n0, hi, offs_n, offs_d, d_ok, page_size, stride_kvs,
 
 @triton.jit
 def _paged_chunk_kernel(
-    q_ptr, kv_ptr, table_ptr, lengths_ptr, o_part_ptr, lse_part_ptr,
+    q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, o_part_ptr, lse_part_ptr,
     qk_scale, chunk, page_size,
-    stride_qb, stride_qh, stride_kvs, stride_kvt, stride_tb, stride_th, stride_lb, stride_lh,
+    stride_qb, stride_qh, stride_ks, stride_vs, stride_tb, stride_th, stride_lb, stride_lh,
     stride_pb, stride_ph, stride_pc, stride_eb, stride_eh,
     tap_heads_ptr, tap_logits_ptr, tap_stats_ptr, tap_slot_ptr, tap_prompt,
     stride_tw, stride_tp, stride_tb_, stride_tg, stride_sw, stride_sp, stride_sb, stride_sg, stride_st,
@@ -71,7 +74,7 @@ def _paged_chunk_kernel(
     c = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    length = tl.load(lengths_ptr + b * stride_lb + h * stride_lh).to(tl.int32)
+    length = tl.load(lengths_ptr + b * stride_lb + h * stride_lh).to(tl.int32)  # int32 or int64 lengths
     lo = c * chunk
     if lo < length:
         hi = tl.minimum(lo + chunk, length)
@@ -99,7 +102,7 @@ def _paged_chunk_kernel(
             stat_rows = slot * stride_sw + mon * stride_sp + b * stride_sb + offs_g * stride_sg
             for n0 in range(lo, hi, BLOCK_N):
                 m_i, l_i, acc, s, entries, n_ok, p = _tile(
-                    q, kv_ptr, table, n0, hi, offs_n, offs_d, d_ok, page_size, stride_kvs, stride_kvt, qk_scale,
+                    q, k_ptr, v_ptr, table, n0, hi, offs_n, offs_d, d_ok, page_size, stride_ks, stride_vs, qk_scale,
                     m_i, l_i, acc, D, BLOCK_D, DOT_PRECISION,
                 )  # fmt: skip
                 # masked stores, no branches (they would stall the loop's pipelining): the
@@ -115,7 +118,7 @@ def _paged_chunk_kernel(
         else:  # the hot loop, free of tap code
             for n0 in range(lo, hi, BLOCK_N):
                 m_i, l_i, acc, s, entries, n_ok, p = _tile(
-                    q, kv_ptr, table, n0, hi, offs_n, offs_d, d_ok, page_size, stride_kvs, stride_kvt, qk_scale,
+                    q, k_ptr, v_ptr, table, n0, hi, offs_n, offs_d, d_ok, page_size, stride_ks, stride_vs, qk_scale,
                     m_i, l_i, acc, D, BLOCK_D, DOT_PRECISION,
                 )  # fmt: skip
         part = b * stride_pb + heads * stride_ph + c * stride_pc
@@ -124,18 +127,19 @@ def _paged_chunk_kernel(
 
 
 def paged_decode_triton(
-    q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor, page_size: int, scale: float,
-    max_length: int, config: DecodeConfig, out: torch.Tensor | None = None,
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor,
+    page_size: int, scale: float, max_length: int, config: DecodeConfig, out: torch.Tensor | None = None,
     o_part: torch.Tensor | None = None, lse_part: torch.Tensor | None = None, tap: "Tap | None" = None,
     work: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Launch both kernels on checked inputs; q: [B, H_q, D] -> [B, H_q, D]. o_part and
-    lse_part (fp32 scratch, ``partials_shapes``) may be passed in (tests poison them);
-    work: the heads' total entries if known (``plan_chunks``)."""
+    """Launch both kernels on checked inputs (``check_inputs``); q: [B, H_q, D], keys and
+    values: [R, D] -> [B, H_q, D]. o_part and lse_part (fp32 scratch, ``partials_shapes``)
+    may be passed in (tests poison them); work: the heads' total entries if known
+    (``plan_chunks``)."""
     batch, h_q, dim = q.shape
     h_kv = lengths.shape[1]
-    if kv.stride(2) != 1 or table.stride(2) != 1:
-        raise ValueError("kv's and table's last dims must be contiguous")
+    if table.stride(2) != 1:
+        raise ValueError(f"table's last dim must be contiguous, got strides {table.stride()}")
     q = q if q.stride(2) == 1 else q.contiguous()
     result = torch.empty_like(q) if out is None else out
     plan = plan_chunks(max(1, max_length), batch, h_kv, n_sm_of(q.device), config, work)
@@ -144,7 +148,7 @@ def paged_decode_triton(
     o_part = torch.empty(o_shape, dtype=torch.float32, device=q.device) if o_part is None else o_part
     lse_part = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if lse_part is None else lse_part
     block_g = max(16, triton.next_power_of_2(h_q // h_kv))
-    block_n, stages = tiling(config, block_d, kv.element_size())
+    block_n, stages = tiling(config, block_d, keys.element_size())
     if tap is not None:
         if tap.tile != block_n:
             raise ValueError(f"tap tiles of {tap.tile} entries, but this kernel's tiles are {block_n}")
@@ -153,13 +157,13 @@ def paged_decode_triton(
     else:
         tap_args = (lengths, q, q, lengths, 0, *(0,) * 9)  # never read
     _paged_chunk_kernel[(plan.n_chunks, h_kv, batch)](
-        q, kv, table, lengths, o_part, lse_part,
+        q, keys, values, table, lengths, o_part, lse_part,
         scale * math.log2(math.e), plan.chunk, page_size,
-        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), table.stride(0), table.stride(1),
+        q.stride(0), q.stride(1), keys.stride(0), values.stride(0), table.stride(0), table.stride(1),
         lengths.stride(0), lengths.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse_part.stride(0), lse_part.stride(1), *tap_args,
         G=h_q // h_kv, D=dim, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
-        DOT_PRECISION="ieee" if kv.dtype == torch.float32 else "tf32", TAP=tap is not None,
+        DOT_PRECISION="ieee" if keys.dtype == torch.float32 else "tf32", TAP=tap is not None,
         num_warps=config.num_warps, num_stages=stages,
     )  # fmt: skip
     _combine_kernel[(h_q, batch)](

@@ -95,7 +95,7 @@ def test_tap_holds_the_dense_logits(kernel):
     heads = torch.tensor([-1, 1, 0], dtype=torch.int32)
     tap = Tap(heads=heads, pairs=((1, 1), (0, 2)), logits=logits, stats=stats, slot=torch.tensor([2]), prompt=prompt,
               tile=8)  # fmt: skip
-    paged_decode(q, kv, table, lengths, page, 0.25, max_length=n, kernel=kernel, tap=tap)
+    paged_decode(q, kv[:, 0], kv[:, 1], table, lengths, page, 0.25, max_length=n, kernel=kernel, tap=tap)
     assert logits[:2].isnan().all()
     for p, h in ((1, 1), (0, 2)):
         rows = (table[:, h, :, None] * page + torch.arange(page)).flatten(1)[:, :prompt]  # [B, prompt]
@@ -127,8 +127,8 @@ for _ in range(2):
                     stats=stats, slot=torch.tensor([1]), prompt=prompt, tile=16))
 cfg = DecodeConfig(block_n=16, min_chunk=32, programs_per_sm=1)
 shift = lambda stats: (lambda top, total: top + torch.log2(total))(*softmax_sums(stats))  # log2 of the normaliser
-out = paged_decode_triton(q, kv, table, lens, page, d ** -0.5, 70, cfg, tap=taps[0])
-ref = paged_decode_torch(q, kv, table, lens, page, d ** -0.5, 70, tap=taps[1])
+out = paged_decode_triton(q, kv[:, 0], kv[:, 1], table, lens, page, d ** -0.5, 70, cfg, tap=taps[0])
+ref = paged_decode_torch(q, kv[:, 0], kv[:, 1], table, lens, page, d ** -0.5, 70, tap=taps[1])
 res = dict(out=float((out - ref).abs().max()), untouched=bool(taps[0].logits[0].isnan().all()),
            logits=float((taps[0].logits[1] - taps[1].logits[1]).abs().max()),
            stats=float((shift(taps[0].stats[1]) - shift(taps[1].stats[1])).abs().max()))

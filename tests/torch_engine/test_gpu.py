@@ -8,10 +8,12 @@ from engine_helpers import dense_decode_f64, random_paged, synthetic_profile
 from hcpolicy.actions import Recall, Selection
 from hcpolicy.backends.torch_engine import Engine, EngineConfig, ModelConfig, random_model
 from hcpolicy.drift import EveryN, Never
+from hcpolicy.kernels.paged_decode import paged_decode
 from hcpolicy.kernels.ragged_decode import DecodeConfig
 from hcpolicy.policy.heterocache import HeteroCachePolicy
 
 pytestmark = pytest.mark.gpu
+DECODE_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -27,10 +29,44 @@ def test_triton_paged_decode_matches_float64(dtype, group, dim, lengths, page):
     kv, table, lens, keys, values = random_paged(lengths, dim, page, dtype, gen, device="cuda")
     q = torch.randn(len(lengths), len(lengths[0]) * group, dim, generator=gen).to(dtype).cuda()
     bound = max(max(r) for r in lengths)
-    out = paged_decode_triton(q, kv, table, lens, page, dim**-0.5, bound, DecodeConfig())
+    out = paged_decode_triton(q, kv[:, 0], kv[:, 1], table, lens, page, dim**-0.5, bound, DecodeConfig())
     ref = dense_decode_f64(q.cpu(), keys, values, dim**-0.5)
-    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[dtype]
-    torch.testing.assert_close(out.double().cpu(), ref, rtol=0, atol=tol)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=0, atol=DECODE_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page", [1, 16])
+def test_triton_separate_kv_int32_tables_match_float64(dtype, page):
+    """SGLang's layout: K and V of a layer as two buffers [slots, H, D] read as rows
+    [slots * H, D] (row stride D), int32 tables and lengths."""
+    gen = torch.Generator().manual_seed(4)
+    lengths, group, dim = [[3000, 0, 1, 517], [64, 2048, 0, 9]], 4, 128
+    kv, table, lens, keys, values = random_paged(lengths, dim, page, dtype, gen, device="cuda")
+    k_buffer = torch.zeros(-(-kv.shape[0] // 8), 8, dim, dtype=dtype, device="cuda")  # [slots, H, D]
+    v_buffer = torch.zeros_like(k_buffer)
+    k, v = k_buffer.view(-1, dim), v_buffer.view(-1, dim)  # rows [slots * H, D], row stride D
+    k[: kv.shape[0]], v[: kv.shape[0]] = kv[:, 0], kv[:, 1]
+    q = torch.randn(2, 4 * group, dim, generator=gen).to(dtype).cuda()
+    out = paged_decode(q, k, v, table.int(), lens.int(), page, dim**-0.5, max_length=3000, kernel="triton")
+    ref = dense_decode_f64(q.cpu(), keys, values, dim**-0.5)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=0, atol=DECODE_TOL[dtype])
+
+
+def test_triton_reads_rows_past_2_31_elements():
+    """Pages whose rows start past element 2**31 of K and V (int32 page ids: the kernel's
+    row offsets must be int64)."""
+    gen = torch.Generator().manual_seed(6)
+    lengths, page, dim = [[700, 90]], 16, 128
+    kv, table, lens, keys, values = random_paged(lengths, dim, page, torch.bfloat16, gen)
+    skip = 2**31 // (page * dim) + 1  # pages below the used ones: ~4.3 GB of bf16 in each of K and V
+    k = torch.zeros(skip * page + kv.shape[0], dim, dtype=torch.bfloat16, device="cuda")
+    v = torch.zeros_like(k)
+    k[skip * page :], v[skip * page :] = kv[:, 0], kv[:, 1]
+    q = torch.randn(1, 2 * 4, dim, generator=gen).to(torch.bfloat16).cuda()
+    out = paged_decode(q, k, v, (table + skip).int().cuda(), lens.int().cuda(), page, dim**-0.5, max_length=700,
+                       kernel="triton")  # fmt: skip
+    ref = dense_decode_f64(q.cpu(), keys, values, dim**-0.5)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=0, atol=DECODE_TOL[torch.bfloat16])
 
 
 def small_engine(cuda_graphs: bool, batch: int = 2, **options) -> Engine:
