@@ -1,4 +1,4 @@
-"""Attention kernels over hcpolicy's ragged per-head KV layout (triton on CUDA, torch elsewhere)."""
+"""Attention kernels over hcpolicy's ragged and paged per-head KV layouts (triton on CUDA, torch elsewhere)."""
 
 from hcpolicy.kernels.ragged_decode import (
     ChunkPlan,
