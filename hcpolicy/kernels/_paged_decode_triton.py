@@ -28,9 +28,8 @@ import triton
 import triton.language as tl
 
 from hcpolicy.kernels._ragged_decode_triton import _combine_kernel, block_d_of, n_sm_of, partials_shapes, tiling
-from hcpolicy.kernels.ragged_decode import DecodeConfig, plan_chunks
-
 from hcpolicy.kernels.paged_decode import Tap
+from hcpolicy.kernels.ragged_decode import DecodeConfig, plan_chunks
 
 
 @triton.jit
