@@ -30,7 +30,7 @@ from hcpolicy.kernels._triton import have_triton
 from hcpolicy.kernels.ragged_decode import DecodeConfig
 
 DecodeKernel = Literal["auto", "triton", "torch"]
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # float64: the torch path only
 INDEX_DTYPES = (torch.int32, torch.int64)  # of tables and lengths: SGLang keeps int32 ones
 LOG2E = math.log2(math.e)
 
@@ -120,9 +120,10 @@ def paged_decode_torch(
     entries = torch.arange(width, device=q.device)  # [W]
     pages = table.gather(-1, (entries // page_size).clamp(max=table.shape[-1] - 1).expand(b, h_kv, width))
     rows = pages.long() * page_size + entries % page_size  # [B, H_kv, W] int64 (int32 tables too)
-    k = keys[rows].float()  # [B, H_kv, W, D]
-    v = values[rows].float()
-    qg = q.float().view(b, h_kv, h_q // h_kv, d)  # [B, H_kv, G, D]
+    exact = torch.float64 if q.dtype == torch.float64 else torch.float32  # float64: rounding-level references
+    k = keys[rows].to(exact)  # [B, H_kv, W, D]
+    v = values[rows].to(exact)
+    qg = q.to(exact).view(b, h_kv, h_q // h_kv, d)  # [B, H_kv, G, D]
     scores = torch.einsum("bhgd,bhwd->bhgw", qg, k) * scale  # [B, H_kv, G, W]
     valid = (entries < lengths.unsqueeze(-1)).unsqueeze(2)  # [B, H_kv, 1, W]
     if tap is not None:
@@ -162,6 +163,8 @@ def paged_decode(
         from hcpolicy.kernels._paged_decode_triton import paged_decode_triton
 
         check_inputs(q, keys, values, table, lengths, page_size)
+        if q.dtype == torch.float64:
+            raise ValueError("the Triton paged decode kernel takes bf16, fp16 or fp32; float64 runs with kernel='torch'")
         return paged_decode_triton(q, keys, values, table, lengths, page_size, float(scale), max_length,
                                    config or DecodeConfig(), tap=tap, work=work)  # fmt: skip
     if kernel == "torch":
