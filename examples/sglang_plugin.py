@@ -1,6 +1,7 @@
 """The SGLang plugin on a CPU, without a server: SGLang's own ``load_plugins()`` finds it,
 SGLang's registries build its attention backend and radix cache, and a policy compresses
-one request's KV index map (``req_to_token`` row) during its prefill.
+one request's KV during its prefill: what each (layer, KV head) keeps moves to head-major
+pages of SGLang's own pool, and the slots it no longer needs go back to SGLang's allocator.
 
     HCPOLICY_POLICY=h2o HCPOLICY_COMPRESSION=0.25 python examples/sglang_plugin.py
 
@@ -128,8 +129,9 @@ def main() -> None:
         kept = state.view(layer_id).lengths[0].tolist()
         print(f"layer {layer_id}: tokens each KV head sees: {kept} of {PROMPT}")
     live = int((rows.req_to_token[row, :PROMPT] != 0).sum())
-    print(f"after: row {row} maps {PROMPT} positions to {live} live slots; {state.freed_slots} slots freed; "
-          f"allocator has {allocator.available_size()} free")  # fmt: skip
+    pages = state.pages.num_pages if state.head_major else 0
+    print(f"after: row {row} maps {PROMPT} positions to {live} live slots; the request keeps {pages} pages of "
+          f"head-major KV; allocator has {allocator.available_size()} free")  # fmt: skip
 
     # Release, as the scheduler does when the request ends: the tree takes the intact prefix.
     req.finished_reason = FINISH_LENGTH(length=0)

@@ -3,32 +3,54 @@
 - extend (prefill): the wrapped backend computes the layer's attention densely and saves
   the prompt's KV; then the request's policy observes the layer (queries, and the KV
   through the request's ``req_to_token`` row) and its actions are executed by the
-  request's ``RequestKV``, layer by layer, as in the HF backend;
+  request's ``RequestKV``, layer by layer, as in the HF backend. After the last layer a
+  request whose policy acted moves its KV to head-major pages and gives SGLang back the
+  slots it no longer needs (``RequestKV.finalize``);
 - decode: requests whose policy never acted are served by the wrapped backend as they
-  are (a keep-everything policy is SGLang's own output, bit for bit). For the others
-  the new token's KV is saved, the policy's decode observation runs, the wrapped backend
-  runs with ``save_kv_cache=False`` for the batch, and those requests' rows of the output
-  are replaced by attention over what each (layer, KV head) sees
-  (``RequestKV.attend``: torch SDPA with per-head masks over the request's live slots).
+  are (a keep-everything policy is SGLang's own output, bit for bit). Head-major requests
+  are served by the paged split-K kernel (``hcpolicy.kernels.paged_decode``) over their
+  pages: the wrapped backend sees them as one-token sequences (its rows are replaced),
+  their new token's K/V goes to their pages, and SGLang's slot for it becomes theirs.
 
-``seq_lens`` are never touched: positions stay logical. Not supported, each with a
-clear error: CUDA graphs, extending a request after its policy ran (chunked prefill,
-retraction), mixed-chunk batches, speculative decoding. On GPU the compressed rows are computed by
-torch SDPA here, not by the wrapped kernel (a kv_indices rewrite per kernel is future work).
+``seq_lens`` are never touched for positions: they stay logical. Not supported, each with
+a clear error: CUDA graphs, extending a request after its policy ran (chunked prefill,
+retraction re-prefills from scratch), mixed-chunk batches, speculative decoding.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
+import attrs
+import numpy as np
 import torch
 
+from hcpolicy.kernels.paged_decode import paged_decode
 from hcpolicy.observe import Observation, Phase
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
+from .head_pages import stack_tables
 from .store import PolicyStore, TrackedRequest
+
+
+@attrs.define
+class PagedStep:
+    """One decode step's head-major requests: batch index [B'] and ``tracked``; where each
+    (layer, request, head)'s new K/V goes, ``writes [N, B', H]`` (rows of the layer's row
+    views); the tables [N, B', H, M] and lengths [N, B', H] the kernel reads; ``loc``:
+    SGLang's write slots with those requests' redirected to the padding slot 0."""
+
+    index: torch.Tensor
+    tracked: tuple[TrackedRequest, ...]
+    writes: torch.Tensor
+    tables: torch.Tensor
+    lengths: torch.Tensor
+    max_length: int
+    loc: torch.Tensor
 
 
 class PolicyAttnBackend(AttentionBackend):
@@ -42,18 +64,28 @@ class PolicyAttnBackend(AttentionBackend):
         self.token_to_kv_pool = inner.token_to_kv_pool
         self.req_to_token_pool = inner.req_to_token_pool
         self._batch: list[tuple[int, int, int, int]] = []  # (row, seq_len, prefix_len, extend_len)
+        self._paged: PagedStep | None = None
 
     # -- per-batch metadata -------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch: Any) -> None:
-        self.inner.init_forward_metadata(forward_batch)
         mode = forward_batch.forward_mode
         self._batch = _batch_rows(forward_batch)
+        self._paged = None
         if mode.is_decode():
-            for row, seq_len, _, _ in self._batch:
+            paged = []
+            for i, (row, seq_len, _, _) in enumerate(self._batch):
                 tracked = self.store.get(row)
                 if tracked is not None:
                     tracked.kv.grow(seq_len)
-        elif mode == ForwardMode.EXTEND:
+                    if tracked.kv.head_major:
+                        paged.append((i, tracked))
+            if paged:
+                self._paged = self._plan_step(forward_batch, paged)
+            with self._short_rows(forward_batch):
+                self.inner.init_forward_metadata(forward_batch)
+            return
+        self.inner.init_forward_metadata(forward_batch)
+        if mode == ForwardMode.EXTEND:
             for row, seq_len, prefix_len, _ in self._batch:
                 if self.store.get(row) is not None:
                     raise NotImplementedError(
@@ -66,6 +98,48 @@ class PolicyAttnBackend(AttentionBackend):
                 f"hcpolicy: forward mode {mode.name} is not supported (no mixed chunks, no speculative decoding)"
             )
 
+    def _plan_step(self, forward_batch: Any, paged: list[tuple[int, TrackedRequest]]) -> PagedStep:
+        """Host planning of a decode step for head-major requests (one host read: their slots)."""
+        device = forward_batch.out_cache_loc.device
+        index = torch.tensor([i for i, _ in paged], device=device)
+        slots = forward_batch.out_cache_loc[index].tolist()
+        rows = torch.tensor([t.row for _, t in paged], device=device)
+        seq = [self._batch[i][1] for i, _ in paged]
+        # the new position's slot leaves the row: the request's pages hold its K/V
+        self.req_to_token_pool.req_to_token[rows, torch.tensor(seq, device=device) - 1] = 0
+        writes = np.stack([t.kv.decode_step(s, slot) for (_, t), s, slot in zip(paged, seq, slots)], axis=1)
+        tracked = tuple(t for _, t in paged)
+        tables, lengths = stack_tables([t.kv.pages for t in tracked])
+        loc = forward_batch.out_cache_loc.clone()
+        loc[index] = 0
+        return PagedStep(
+            index=index, tracked=tracked, writes=torch.from_numpy(writes).to(device), tables=tables,
+            lengths=lengths, max_length=int(max(t.kv.pages.lengths.max() for t in tracked)), loc=loc,
+        )  # fmt: skip
+
+    @contextlib.contextmanager
+    def _short_rows(self, forward_batch: Any) -> Iterator[None]:
+        """While the wrapped backend plans or runs a decode step, head-major requests look
+        like one-token sequences to it (it reads 1 slot for them, not their whole row; their
+        output rows are replaced). Positions were computed from the real lengths already."""
+        step = self._paged
+        if step is None:
+            yield
+            return
+        saved = forward_batch.seq_lens, forward_batch.seq_lens_cpu, forward_batch.seq_lens_sum
+        seq_lens = forward_batch.seq_lens.clone()
+        seq_lens[step.index] = 1
+        forward_batch.seq_lens = seq_lens
+        if forward_batch.seq_lens_cpu is not None:
+            host = forward_batch.seq_lens_cpu.clone()
+            host[step.index.cpu()] = 1
+            forward_batch.seq_lens_cpu = host
+            forward_batch.seq_lens_sum = int(host.sum())
+        try:
+            yield
+        finally:
+            forward_batch.seq_lens, forward_batch.seq_lens_cpu, forward_batch.seq_lens_sum = saved
+
     def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
         raise NotImplementedError("hcpolicy does not support CUDA graphs: launch with --disable-cuda-graph")
 
@@ -77,11 +151,14 @@ class PolicyAttnBackend(AttentionBackend):
         out = self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         queries = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)  # [T, H_q, D]
         start = 0
+        last = layer.layer_id == self.store.spec.num_layers - 1
         for row, seq_len, prefix_len, extend_len in self._batch:
             tracked = self.store.get(row)
             if tracked is not None:
                 positions = torch.arange(prefix_len, seq_len, device=queries.device)  # [Q]
                 _prefill(tracked, layer.layer_id, queries[start : start + extend_len], positions)
+                if last:
+                    tracked.kv.finalize()
             start += extend_len
         return out
 
@@ -89,20 +166,62 @@ class PolicyAttnBackend(AttentionBackend):
         tracked = [(i, self.store.get(row)) for i, (row, *_) in enumerate(self._batch)]
         tracked = [(i, t) for i, t in tracked if t is not None]
         observing = [(i, t) for i, t in tracked if t.needs.decode_observations]
-        if not observing and not any(t.kv.touched for _, t in tracked):
+        step = self._paged
+        masked = [(i, t) for i, t in tracked if t.kv.touched and not t.kv.head_major]
+        if step is None and not observing and not masked:
             return self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        layer_id = layer.layer_id
+        queries = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)  # [B, H_q, D]
         if save_kv_cache and k is not None and v is not None:
             # observations read the new token's KV, so it is written before the policy runs
-            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
-        queries = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)  # [B, H_q, D]
+            loc = KVWriteLoc.for_batch(forward_batch) if step is None else KVWriteLoc(step.loc, physical=forward_batch.out_cache_loc_is_physical)
+            self.token_to_kv_pool.set_kv_buffer(layer, loc, k, v)
+            if step is not None:
+                self._write_pages(layer_id, step, k, v)
+        moved = 0
         for i, t in observing:
-            _decode(t, layer.layer_id, queries[i : i + 1])
-        out = self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=False, **kwargs)
+            before = t.kv.moves
+            _decode(t, layer_id, queries[i : i + 1])
+            moved += t.kv.moves - before
+            if t.kv.touched and not t.kv.head_major and (i, t) not in masked:
+                masked.append((i, t))  # first action while decoding: this step is masked, then pages
+        with self._short_rows(forward_batch):
+            out = self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=False, **kwargs)
         rows = out.view(-1, layer.tp_q_head_num, layer.v_head_dim)  # [B, H_q, D]
-        for i, t in tracked:
-            if t.kv.touched:
-                rows[i] = t.kv.attend(layer.layer_id, queries[i : i + 1], layer.scaling)[0].to(rows.dtype)
+        if step is not None:
+            if moved:  # the policy moved rows of head-major requests: their tables changed
+                step.tables, step.lengths = stack_tables([t.kv.pages for t in step.tracked])
+                step.max_length = max(int(t.kv.pages.lengths.max()) for t in step.tracked)
+            self._attend_pages(layer, step, queries, rows)
+        for i, t in masked:
+            rows[i] = t.kv.attend(layer_id, queries[i : i + 1], layer.scaling)[0].to(rows.dtype)
+            if layer_id == self.store.spec.num_layers - 1:
+                t.kv.finalize()
         return out
+
+    def _write_pages(self, layer: int, step: PagedStep, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The new token's K/V of head-major requests into their pages (rows ``step.writes``)."""
+        k_rows, v_rows = step.tracked[0].kv.pages.rows(layer)
+        dim = k_rows.shape[-1]
+        dest = step.writes[layer].reshape(-1)  # [B' * H]
+        k_rows.index_copy_(0, dest, k.reshape(k.shape[0], -1, dim)[step.index].reshape(-1, dim).to(k_rows.dtype))
+        v_rows.index_copy_(0, dest, v.reshape(v.shape[0], -1, dim)[step.index].reshape(-1, dim).to(v_rows.dtype))
+
+    def _attend_pages(self, layer: Any, step: PagedStep, queries: torch.Tensor, rows: torch.Tensor) -> None:
+        """Head-major requests' attention by the paged kernel (a request with Attend views at
+        this layer takes the gathered path instead)."""
+        layer_id = layer.layer_id
+        k_rows, v_rows = step.tracked[0].kv.pages.rows(layer_id)
+        out = paged_decode(
+            queries[step.index], k_rows, v_rows, step.tables[layer_id], step.lengths[layer_id],
+            step.tracked[0].kv.pages.rows_per_page, layer.scaling, max_length=step.max_length,
+            kernel=self.store.kernel,
+        )  # fmt: skip
+        rows[step.index] = out.to(rows.dtype)
+        for j, t in enumerate(step.tracked):
+            if t.kv.has_views(layer_id):
+                i = int(step.index[j])
+                rows[i] = t.kv.attend(layer_id, queries[i : i + 1], layer.scaling)[0].to(rows.dtype)
 
     # -- everything else is the wrapped backend's ----------------------------------------------
     def support_triton(self) -> bool:

@@ -9,17 +9,17 @@ from hcpolicy.capabilities import Capabilities
 
 LAUNCH = (
     "HCPOLICY_POLICY=snapkv HCPOLICY_COMPRESSION=0.5 python -m sglang.launch_server --model-path M "
-    "--attention-backend hcpolicy_triton --radix-cache-backend hcpolicy --page-size 1 "
+    "--attention-backend hcpolicy_triton --radix-cache-backend hcpolicy "
     "--disable-cuda-graph --chunked-prefill-size -1"
 )
 
 
 class SGLangBackend:
-    """SGLang serving: a plugin applies a policy per request (per-head visibility, token eviction, offload)."""
+    """SGLang serving: a plugin applies a policy per request (head-major pages in SGLang's pool, offload)."""
 
     name = "sglang"
-    # per-head lengths are visibility over SGLang's token-major slots; a slot is freed once
-    # no layer and head keeps its token
+    # per-head lengths are real: a compressed request's (layer, head) rows are packed into
+    # pages of SGLang's pool, and the pages it no longer needs go back to SGLang
     capabilities = Capabilities(
         actions={Select, Offload, Recall, Attend}, per_head_lengths=True, max_batch_size=None, cuda_graphs=False
     )

@@ -1,19 +1,15 @@
 """Radix caches that never hold a compressed row.
 
 SGLang's tree maps token ids to slot indices, one per token, and a slot holds that
-token for every layer and KV head. A row a policy has touched can differ from that in
-two ways: positions whose slot was freed (row entry 0) and positions whose slot was
-re-allocated by a recall (only the recalled heads' bytes are valid in it). Per-head
-visibility never matters to the tree: a hidden position's slot still holds all bytes.
-
-So the tree may take exactly the row's *intact* prefix, ``[0, RequestKV.intact_length())``,
-the positions before the first freed or replaced slot. ``checkpoint`` is clamped there
-(never below what the tree already owns, ``cache_protected_len``); what lies past it
-stays the request's own and goes back to the allocator on release, where ``free_kv_row``
-skips the entries already freed. Prefix sharing keeps working for the uncompressed
-prefix: a later request with the same prompt start matches it, and the policy frees
-only slots above ``cache_protected_len``, so slots shared through the tree are never
-freed by a policy (hiding them is per request, as visibility).
+token for every layer and KV head. Once a request's policy acted, its row past the
+tree's part (``cache_protected_len``) is 0: its KV lives in head-major pages that hold
+other rows than the token's (``head_pages``). So the tree may take exactly the row's
+*intact* prefix, ``RequestKV.intact_length()``: the whole row for an untouched request,
+only the part the tree already owns for a compressed one. ``checkpoint`` is clamped there;
+on release ``free_kv_row`` skips the entries that read 0 (and SGLang's padding page), and
+the request's pages go back through the store. Prefix sharing keeps working for the
+uncompressed prefix: a later request with the same prompt start matches it, and a policy
+never frees or writes slots the tree owns (it copies the rows it keeps out of them).
 """
 
 from __future__ import annotations
@@ -50,9 +46,12 @@ class CompressionAware:
             super().free_kv_row(kv, ranges)
             return
         row = self.req_to_token_pool.req_to_token[kv.req_pool_idx]
+        page = self.token_to_kv_pool_allocator.page_size
         for start, end in ranges:
-            slots = row[start:end]
-            self.token_to_kv_pool_allocator.free(slots[slots != 0].long())  # 0: freed by the policy
+            slots = row[start:end].long()
+            # page 0 is SGLang's padding page: entries a compressed request moved out read 0
+            # (and, with pages above 1, a decode step's slot after such an entry lands in page 0)
+            self.token_to_kv_pool_allocator.free(slots[slots // page != 0])
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)

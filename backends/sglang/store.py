@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from hcpolicy.capabilities import Requirements
+from hcpolicy.kernels.paged_decode import DecodeKernel, resolve_kernel
 from hcpolicy.policy.base import Policy
 from hcpolicy.runtime import TransferRuntime
 from hcpolicy.spec import ModelSpec
@@ -38,7 +39,8 @@ class PolicyStore:
     """Tracked requests by row, plus what it takes to start one.
 
     policy_factory: builds a fresh policy per request. pool / allocator / req_to_token_pool:
-    SGLang's KV pool, token allocator and request-to-token pool of this worker.
+    SGLang's KV pool, token allocator (any page size) and request-to-token pool of this
+    worker. kernel: the decode kernel of head-major requests ('auto': Triton on CUDA).
     """
 
     def __init__(
@@ -50,17 +52,21 @@ class PolicyStore:
         pool: Any,
         allocator: Any,
         runtime: TransferRuntime | None = None,
+        kernel: DecodeKernel = "auto",
     ) -> None:
-        if getattr(allocator, "page_size", 1) != 1:
+        key = pool.get_key_buffer(0)
+        if key.ndim != 3 or key.shape[1] != spec.num_kv_heads or not key.is_contiguous():
             raise ValueError(
-                f"hcpolicy evicts single tokens; SGLang's allocator has page_size={allocator.page_size} "
-                "(launch with --page-size 1)"
+                f"hcpolicy needs SGLang's token-major KV layout [slots, {spec.num_kv_heads} heads, D] per layer; "
+                f"this pool's key buffer is {tuple(key.shape)} (contiguous: {key.is_contiguous()})"
             )
         self.spec = spec
         self.policy_factory = policy_factory
         self.req_to_token_pool = req_to_token_pool
         self.pool = pool
         self.allocator = allocator
+        self.page_size = int(getattr(allocator, "page_size", 1))
+        self.kernel = resolve_kernel(kernel, key.device)
         self.runtime = runtime or TransferRuntime(pool.device, check_device_rows=False)
         self.tree_bound = False  # set by the hcpolicy radix cache when it attaches
         self._requests: dict[int, TrackedRequest] = {}
@@ -90,6 +96,7 @@ class PolicyStore:
         kv = RequestKV(
             key=(row, self.generation(row)), spec=self.spec, row=self.req_to_token_pool.req_to_token[row],
             length=length, protected=protected, pool=self.pool, allocator=self.allocator, runtime=self.runtime,
+            page_size=self.page_size,
         )  # fmt: skip
         tracked = TrackedRequest(row, self.generation(row), policy, policy.requirements(), kv)
         self._requests[row] = tracked

@@ -143,8 +143,9 @@ def test_hc_registry_lists_the_backend():
         cls.evaluator(None)
 
 
-def test_paged_allocators_are_refused():
+def test_a_pool_not_token_major_is_refused():
     pools = make_pools(SPEC, dtype=torch.float32)
-    with pytest.raises(ValueError, match="--page-size 1"):
-        PolicyStore(spec=SPEC, policy_factory=FullKV, req_to_token_pool=pools.req_to_token, pool=pools.kv,
-                    allocator=types.SimpleNamespace(page_size=16))  # fmt: skip
+    hnd = types.SimpleNamespace(get_key_buffer=lambda layer: torch.zeros(SPEC.num_kv_heads, 16, SPEC.head_dim).transpose(0, 1))
+    with pytest.raises(ValueError, match="token-major KV layout"):
+        PolicyStore(spec=SPEC, policy_factory=FullKV, req_to_token_pool=pools.req_to_token, pool=hnd,
+                    allocator=pools.allocator)  # fmt: skip

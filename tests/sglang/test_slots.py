@@ -63,7 +63,23 @@ def assert_tree_rows_intact(pools, tree, tokens: list[int]) -> int:
     return len(slots)
 
 
-def test_slots_return_exactly_through_evict_offload_recall(world):
+def held_rows(kv, layer: int, h: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Positions, keys and values head (layer, h) holds (through the request's own view)."""
+    view = kv.view(layer, [h])
+    n = int(view.lengths[0, 0])
+    return view.positions[0, 0, :n].tolist(), view.keys[0, 0, :n], view.values[0, 0, :n]
+
+
+def assert_holds(kv, tokens: list[int], layer: int, h: int, positions: list[int]) -> None:
+    """Head (layer, h) holds exactly ``positions``, with their true K/V."""
+    truth = token_kv(SPEC, tokens)
+    held, k, v = held_rows(kv, layer, h)
+    assert held == positions
+    assert torch.equal(k, truth[positions, layer, 0, h])
+    assert torch.equal(v, truth[positions, layer, 1, h])
+
+
+def test_slots_return_exactly_through_compress_recall_decode_finish(world):
     pools, tree, store, sched = world
     free_at_start = pools.allocator.available_size()
     tokens = list(range(1, 33))
@@ -75,30 +91,42 @@ def test_slots_return_exactly_through_evict_offload_recall(world):
         Select(layer=0, heads=HEADS, selection=selection(evens, first8)),
         Select(layer=1, heads=HEADS, selection=selection(first8, first8)),
     ])  # fmt: skip
-    dead = sorted(set(range(32)) - set(evens) - set(first8))  # no layer or head sees these
-    assert pools.allocator.available_size() == free_at_start - 32 + len(dead)
-    row = sched.row(req)
-    assert (row[dead] == 0).all() and (row[evens + first8] != 0).all()
+    assert pools.allocator.available_size() == free_at_start - 32  # nothing moves while the prompt is computed
+    kv.finalize()
+    # head-major: layer 0 keeps 16 + 8 rows, layer 1 8 + 8; a page holds H_kv = 2 rows a layer,
+    # so the request keeps 8 + 4 = 12 of its 32 slots as pages and gives 20 back
+    assert kv.head_major and kv.pages.num_pages == 12
+    assert pools.allocator.available_size() == free_at_start - 12
+    assert (sched.row(req) == 0).all() and kv.freed_slots == 32
+    assert_holds(kv, tokens, 0, 0, evens)
+    assert_holds(kv, tokens, 1, 1, first8)
 
-    before = pools.allocator.available_size()
     kv.apply([Recall(layer=1, heads=[1], selection=selection([9, 11, 20]))])
-    assert pools.allocator.available_size() == before - 2  # 9 and 11 get fresh slots; 20 never lost its slot
-    truth = token_kv(SPEC, tokens)
-    for p in (9, 11, 20):
-        assert torch.equal(pools.kv.get_key_buffer(1)[row[p], 1], truth[p, 1, 0, 1])
-        assert torch.equal(pools.kv.get_value_buffer(1)[row[p], 1], truth[p, 1, 1, 1])
-    view = kv.view(1, [1])
-    assert view.positions[0, 0, : view.lengths[0, 0]].tolist() == [9, 11, 20]  # replaces the offloaded range
+    assert_holds(kv, tokens, 1, 1, [9, 11, 20])  # replaces the offloaded range, bytes from the host
+    assert pools.allocator.available_size() == free_at_start - 12  # 3 rows fit in the 4 pages layer 1 has
+    kv.apply([Select(layer=0, heads=[0], selection=selection([2, 4]))])
+    # layer 0 now uses 1 + 4 pages and layer 1 4 + 2, but a page returns only once no layer
+    # uses it: layer 0's head 1 keeps pages 8-11, layer 1 uses 0-5
+    assert kv.pages.num_pages == 10 and pools.allocator.available_size() == free_at_start - 10
 
-    kv.apply([Select(layer=1, heads=[1], selection=selection([20]))])  # 9 and 11 die again
-    assert pools.allocator.available_size() == before
-    sched.decode_slot(req, token=99)
-    kv.grow(33)
+    for step in range(3):  # decode: SGLang's slot for each new token becomes a page of the request
+        loc = sched.decode_slot(req, token=99 + step)
+        sched.row(req)[-1] = 0  # the attention wrapper does this for the batch
+        new = token_kv(SPEC, tokens + list(range(99, 100 + step)))[-1]  # [layers, 2, H, D]
+        rows = kv.decode_step(33 + step, int(loc))
+        for layer in range(SPEC.num_layers):
+            k_rows, v_rows = kv.pages.rows(layer)
+            k_rows[torch.from_numpy(rows[layer])] = new[layer, 0]
+            v_rows[torch.from_numpy(rows[layer])] = new[layer, 1]
+    full = tokens + [99, 100, 101]
+    assert_holds(kv, full, 0, 0, [2, 4, 32, 33, 34])
+    assert_holds(kv, full, 1, 1, [9, 11, 20, 32, 33, 34])
+    held = kv.pages.num_pages
+    assert pools.allocator.available_size() == free_at_start - held
     sched.finish(req)
-    assert len(store) == 0  # on_release dropped the request and its host copies
+    assert len(store) == 0  # on_release dropped the request, its pages and host copies
     assert store.runtime.host_bytes() == 0
-    held = assert_tree_rows_intact(pools, tree, tokens + [99])
-    assert held == dead[0]  # the tree took the intact prefix, up to the first freed slot
+    assert assert_tree_rows_intact(pools, tree, full) == 0  # nothing compressed went in
     tree.evict(EvictParams(num_tokens=10_000))
     assert pools.allocator.available_size() == free_at_start
 
@@ -116,12 +144,15 @@ def test_policy_never_frees_locked_tree_slots(world):
     assert req.kv.cache_protected_len == 16  # the shared prefix is matched and locked
     prefix_slots = sched.row(req)[:16].clone()
     kv = track(store, req).kv
-    keep = [30, 31]
+    keep = [3, 30, 31]
     kv.apply([Select(layer=layer, heads=HEADS, selection=selection(keep, keep)) for layer in range(SPEC.num_layers)])
+    kv.finalize()
     row = sched.row(req)
-    assert torch.equal(row[:16], prefix_slots)  # hidden from every head, but the tree's: not freed
-    assert (row[16:30] == 0).all()
-    assert kv.view(0).lengths.tolist() == [[2, 2]]
+    assert torch.equal(row[:16], prefix_slots)  # the tree's: not freed, not overwritten
+    assert (row[16:] == 0).all()
+    assert_holds(kv, tokens, 0, 1, keep)  # position 3 was copied out of the tree's slot
+    assert kv.pages.num_pages == 4  # a page holds 2 rows a layer: 3 rows a head take 2 pages
+    assert pools.allocator.available_size() == free_at_start - 24 - 4
 
     free = pools.allocator.available_size()
     tree.evict(EvictParams(num_tokens=10_000))
@@ -135,15 +166,13 @@ def test_policy_never_frees_locked_tree_slots(world):
     assert pools.allocator.available_size() == free_at_start
 
 
-def test_uncompressed_rows_are_cached_whole(world):
-    """A request whose policy hid tokens without freeing any (a full head keeps them) is
-    still fully cacheable: every slot holds every head's bytes."""
+def test_untouched_requests_stay_token_major_and_are_cached_whole(world):
     pools, tree, store, sched = world
     tokens = list(range(1, 21))
     req = sched.admit(tokens)
     kv = track(store, req).kv
-    kv.apply([Select(layer=0, heads=[1], selection=selection([0, 19]))])
-    assert kv.intact_length() == 20 and pools.allocator.available_size() == 512 - 20
+    kv.finalize()  # the policy never acted: SGLang's own layout and path
+    assert not kv.head_major and kv.intact_length() == 20 and pools.allocator.available_size() == 512 - 20
     sched.finish(req)
     assert assert_tree_rows_intact(pools, tree, tokens) == 20
 
@@ -160,3 +189,58 @@ def test_bad_actions_fail_clearly(world):
         kv.apply([Select(layer=1, heads=[0], selection=selection([10]))])
     with pytest.raises(ActionError, match="head 5 out of range"):
         kv.apply([Offload(layer=0, heads=[5])])
+    kv.finalize()
+    with pytest.raises(ActionError, match="not on the device"):
+        kv.apply([Select(layer=0, heads=[0], selection=selection([3]))])
+    kv.apply([Select(layer=1, heads=[1], selection=selection([1, 2])), Offload(layer=1, heads=[1])])
+    with pytest.raises(ActionError, match="never offloaded"):
+        kv.apply([Recall(layer=1, heads=[1], selection=selection([1, 5]))])
+
+
+def test_pages_above_one_slot(monkeypatch):
+    """SGLang pages of 4 slots: a head-major page is 4 slots x 2 heads = 8 rows a layer; the
+    request's prompt pages are reused, decode takes a page from SGLang every 4 steps (the
+    steps between land in SGLang's padding page 0), and every page comes back."""
+    from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from sglang_helpers import Pools
+
+    pools = make_pools()
+    kv_pool = MHATokenToKVPool(size=512, page_size=4, dtype=torch.float64, head_num=SPEC.num_kv_heads,
+                               head_dim=SPEC.head_dim, layer_num=SPEC.num_layers, device="cpu",
+                               enable_memory_saver=False)  # fmt: skip
+    allocator = PagedTokenToKVPoolAllocator(size=512, page_size=4, dtype=torch.float64, device="cpu", kvcache=kv_pool,
+                                            need_sort=False)  # fmt: skip
+    pools = Pools(kv_pool, allocator, pools.req_to_token, SPEC)
+    store = PolicyStore(spec=SPEC, policy_factory=FullKV, req_to_token_pool=pools.req_to_token, pool=kv_pool,
+                        allocator=allocator)  # fmt: skip
+    store.tree_bound = True
+    free_at_start = allocator.available_size()
+    tokens = list(range(1, 31))  # 30 tokens: 8 pages
+    loc = allocator.alloc(32)
+    row_id = 1
+    pools.req_to_token.req_to_token[row_id, :30] = loc[:30].to(torch.int32)
+    truth = token_kv(SPEC, tokens)
+    for layer in range(SPEC.num_layers):
+        kv_pool.set_kv_buffer(None, loc[:30], truth[:, layer, 0], truth[:, layer, 1], layer_id_override=layer)
+    kv = store.start(row_id, length=30, protected=0).kv
+    keep = list(range(0, 30, 3))  # 10 a head: 2 pages of 8 rows each, 4 pages a layer
+    kv.apply([Select(layer=layer, heads=HEADS, selection=selection(keep, keep)) for layer in range(SPEC.num_layers)])
+    kv.finalize()
+    assert kv.pages.num_pages == 4 and allocator.available_size() == free_at_start - 16
+    assert_holds(kv, tokens, 1, 1, keep)
+    row = pools.req_to_token.req_to_token[row_id]
+    for step in range(6):  # what SGLang's paged decode allocation does after a zeroed entry
+        length = 31 + step
+        slot = int(row[length - 2]) + 1 if (length - 1) % 4 else int(allocator.alloc(4)[0])
+        rows = kv.decode_step(length, slot)
+        for layer in range(SPEC.num_layers):
+            k_rows, v_rows = kv.pages.rows(layer)
+            k_rows[torch.from_numpy(rows[layer])] = float(step)
+            v_rows[torch.from_numpy(rows[layer])] = float(step)
+    held, k, _ = held_rows(kv, 0, 1)
+    assert held == keep + list(range(30, 36)) and k[-6:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert allocator.available_size() == free_at_start - 4 * kv.pages.num_pages
+    store.release(row_id)
+    assert allocator.available_size() == free_at_start
