@@ -170,6 +170,48 @@ class HeadProfile:
         if diffs:
             raise ValueError("head profile does not match this model (" + "; ".join(diffs) + ")")
 
+    def shard(self, rank: int, ranks: int) -> "HeadProfile":
+        """The profile of tensor-parallel rank ``rank`` of ``ranks``: KV heads are split into
+        ``ranks`` contiguous slices (as SGLang and vLLM split them), and this rank's slice is
+        renumbered from 0. A pivot and its satellites must fall in one slice (the satellites
+        are recalled from the pivot's attention, which only its rank computes): otherwise a
+        ValueError names the cluster and the tensor-parallel sizes this profile does fit."""
+        heads = self.fingerprint["num_kv_heads"]
+        if ranks < 1 or not 0 <= rank < ranks:
+            raise ValueError(f"rank {rank} of {ranks} ranks")
+        if heads % ranks:
+            raise ValueError(f"{heads} KV heads do not split evenly over {ranks} tensor-parallel ranks "
+                             "(replicated KV heads are not supported)")  # fmt: skip
+        fits = [n for n in range(1, heads + 1) if heads % n == 0 and not self._crossing(n)]
+        crossing = self._crossing(ranks)
+        if crossing:
+            layer, pivot, sats = crossing
+            raise ValueError(
+                f"layer {layer}: pivot {pivot} and its satellites {list(sats)} fall on different tensor-parallel "
+                f"ranks at --tp-size {ranks}; this profile fits --tp-size {', '.join(map(str, fits))}"
+            )
+        width = heads // ranks
+        lo, hi = rank * width, (rank + 1) * width
+        fingerprint = dict(self.fingerprint, num_kv_heads=width)
+        if "num_query_heads" in fingerprint:
+            fingerprint["num_query_heads"] = fingerprint["num_query_heads"] // ranks
+        clusters = [{p - lo: tuple(s - lo for s in sats) for p, sats in layer.items() if lo <= p < hi}
+                    for layer in self.clusters]  # fmt: skip
+        return HeadProfile(
+            fingerprint=fingerprint, roles=[row[lo:hi] for row in self.roles],
+            stability=[row[lo:hi] for row in self.stability], ratios=[row[lo:hi] for row in self.ratios],
+            clusters=clusters, settings=dict(self.settings, tensor_parallel=[rank, ranks]),
+        )  # fmt: skip
+
+    def _crossing(self, ranks: int) -> tuple[int, int, tuple[int, ...]] | None:
+        """The first cluster whose heads span two of ``ranks`` slices, or None."""
+        width = self.fingerprint["num_kv_heads"] // ranks
+        for layer, clusters in enumerate(self.clusters):
+            for pivot, sats in clusters.items():
+                if any(s // width != pivot // width for s in sats):
+                    return layer, pivot, sats
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,

@@ -172,3 +172,25 @@ def test_model_spec_validation():
         ModelSpec("x", 1, 6, 4, 8)
     with pytest.raises(ValueError, match="num_layers must be > 0"):
         ModelSpec("x", 0, 4, 4, 8)
+
+
+def test_tensor_parallel_shards_keep_clusters_on_one_rank():
+    stab = torch.tensor([[0.9, 0.8, 0.2, 0.7], [0.3, 0.6, 0.9, 0.8]])
+    adj = torch.zeros(2, 4, 4, dtype=torch.bool)
+    adj[0, 0, 1] = True  # layer 0: 0 -> 1 (rank 0 of 2)
+    adj[1, 2, 3] = True  # layer 1: 2 -> 3 (rank 1 of 2)
+    p = build_profile(SPEC, stab, adj, tau_stable=0.5)
+    local = ModelSpec("synthetic", num_layers=2, num_query_heads=4, num_kv_heads=2, head_dim=16)
+    first, second = p.shard(0, 2), p.shard(1, 2)
+    first.check(local)
+    second.check(local)
+    assert first.roles == tuple(row[:2] for row in p.roles) and second.roles == tuple(row[2:] for row in p.roles)
+    assert first.clusters == ({0: (1,)}, {}) and second.clusters == ({}, {0: (1,)})  # renumbered from 0
+    assert second.ratios == tuple(row[2:] for row in p.ratios)
+    with pytest.raises(ValueError, match=r"layer 0: pivot 0 and its satellites \[1\] fall on different .* "
+                                         r"--tp-size 4; this profile fits --tp-size 1, 2"):  # fmt: skip
+        p.shard(0, 4)
+    with pytest.raises(ValueError, match="do not split evenly over 3"):
+        p.shard(0, 3)
+    with pytest.raises(ValueError, match="layer 1: pivot 1 .* this profile fits --tp-size 1$"):
+        make_profile().shard(0, 2)  # layer 1's pivot 1 leads satellites 2 and 3 on the other rank

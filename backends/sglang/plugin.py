@@ -60,10 +60,12 @@ def attention_factory(inner: str) -> Callable[[Any], Any]:
         from .store import PolicyStore, model_spec
 
         config = PolicyConfig.from_env()
-        spec = model_spec(runner.model_config, runner.tp_size)
+        spec = model_spec(runner.model_config, runner.tp_size)  # this rank's heads
         profile = config.load_profile()
         if profile is not None:
-            profile.check(spec)
+            profile.check(model_spec(runner.model_config))  # profiles name the whole model's heads
+            if runner.tp_size > 1:  # a pivot and its satellites must share a rank (else: which sizes fit)
+                profile = profile.shard(runner.tp_rank, runner.tp_size)
         config.make_policy(profile)  # a policy that cannot be built stops the server here
         store = PolicyStore(
             spec=spec, policy_factory=lambda: config.make_policy(profile), req_to_token_pool=runner.req_to_token_pool,

@@ -115,19 +115,22 @@ class PolicyStore:
         return len(self._requests)
 
 
-def model_spec(model_config: Any, tp_size: int) -> ModelSpec:
-    """The attention geometry of an SGLang ``ModelConfig`` (tensor parallelism 1 only:
-    a head profile names global KV heads, and a TP rank holds a slice of them)."""
-    if tp_size != 1:
-        raise ValueError(f"hcpolicy's SGLang backend supports --tp-size 1 only, got {tp_size}")
+def model_spec(model_config: Any, tp_size: int = 1) -> ModelSpec:
+    """The attention geometry of an SGLang ``ModelConfig``, whole (``tp_size`` 1) or as one
+    tensor-parallel rank sees it (its slice of the query and KV heads)."""
     hf = model_config.hf_config
     architectures = getattr(hf, "architectures", None) or ["unknown"]
+    kv_heads = model_config.get_num_kv_heads(1)
+    if tp_size > 1 and kv_heads % tp_size:
+        raise ValueError(
+            f"hcpolicy's SGLang backend splits KV heads over ranks: {kv_heads} KV heads do not split over "
+            f"--tp-size {tp_size} (SGLang would replicate them); use a --tp-size dividing {kv_heads}"
+        )
     return ModelSpec(
         architecture=architectures[0],
         num_layers=model_config.num_hidden_layers,
-        num_query_heads=model_config.num_attention_heads,
-        num_kv_heads=model_config.get_num_kv_heads(1),
+        num_query_heads=model_config.num_attention_heads // tp_size,
+        num_kv_heads=kv_heads // tp_size,
         head_dim=model_config.head_dim,
         max_position=model_config.context_len,
     )
-

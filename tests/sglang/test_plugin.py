@@ -149,3 +149,16 @@ def test_a_pool_not_token_major_is_refused():
     with pytest.raises(ValueError, match="token-major KV layout"):
         PolicyStore(spec=SPEC, policy_factory=FullKV, req_to_token_pool=pools.req_to_token, pool=hnd,
                     allocator=pools.allocator)  # fmt: skip
+
+
+def test_tensor_parallel_ranks_see_their_slice_of_heads(model_dir):
+    from sglang.srt.configs.model_config import ModelConfig
+
+    from hcpolicy.backends.sglang.store import model_spec
+
+    config = ModelConfig(model_path=str(model_dir))  # 4 query heads, 2 KV heads
+    whole, rank = model_spec(config), model_spec(config, 2)
+    assert (whole.num_query_heads, whole.num_kv_heads) == (4, 2)
+    assert (rank.num_query_heads, rank.num_kv_heads, rank.num_layers) == (2, 1, whole.num_layers)
+    with pytest.raises(ValueError, match="2 KV heads do not split over --tp-size 4"):
+        model_spec(config, 4)
