@@ -3,7 +3,7 @@
     pip install hcpolicy[sglang]
     HCPOLICY_POLICY=snapkv HCPOLICY_COMPRESSION=0.5 python -m sglang.launch_server \\
         --model-path M --attention-backend hcpolicy_triton --radix-cache-backend hcpolicy \\
-        --disable-cuda-graph --chunked-prefill-size -1
+        --disable-cuda-graph
 
 How a policy's actions map onto SGLang (0.5.23):
 

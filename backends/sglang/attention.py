@@ -12,9 +12,11 @@
   pages: the wrapped backend sees them as one-token sequences (its rows are replaced),
   their new token's K/V goes to their pages, and SGLang's slot for it becomes theirs.
 
+Chunked prefill: the policy runs on a prompt's last chunk, over the whole prompt's KV (the
+earlier chunks stay in the request's own slots: the tree does not take them).
 ``seq_lens`` are never touched for positions: they stay logical. Not supported, each with
-a clear error: CUDA graphs, extending a request after its policy ran (chunked prefill,
-retraction re-prefills from scratch), mixed-chunk batches, speculative decoding.
+a clear error: CUDA graphs, extending a request after its policy ran, mixed-chunk
+batches, speculative decoding.
 """
 
 from __future__ import annotations
@@ -86,12 +88,17 @@ class PolicyAttnBackend(AttentionBackend):
             return
         self.inner.init_forward_metadata(forward_batch)
         if mode == ForwardMode.EXTEND:
-            for row, seq_len, prefix_len, _ in self._batch:
+            # a prompt's whole length: a chunk short of it is not the last (chunked prefill)
+            whole = _host_list(None, forward_batch.orig_seq_lens) if forward_batch.orig_seq_lens is not None else None
+            for i, (row, seq_len, prefix_len, _) in enumerate(self._batch):
                 if self.store.get(row) is not None:
                     raise NotImplementedError(
-                        f"hcpolicy: the request in row {row} is extended after its policy ran (chunked "
-                        "prefill or a retraction); launch with --chunked-prefill-size -1"
+                        f"hcpolicy: the request in row {row} is extended after its policy ran "
+                        "(a prompt extended after its last chunk is not supported)"
                     )
+                if whole is not None and seq_len < whole[i] and self.store.compresses:
+                    self.store.chunk(row, protected=prefix_len)  # the policy runs on the last chunk
+                    continue
                 self.store.start(row, length=seq_len, protected=prefix_len)
         elif not mode.is_idle():
             raise NotImplementedError(

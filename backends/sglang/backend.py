@@ -9,8 +9,7 @@ from hcpolicy.capabilities import Capabilities
 
 LAUNCH = (
     "HCPOLICY_POLICY=snapkv HCPOLICY_COMPRESSION=0.5 python -m sglang.launch_server --model-path M "
-    "--attention-backend hcpolicy_triton --radix-cache-backend hcpolicy "
-    "--disable-cuda-graph --chunked-prefill-size -1"
+    "--attention-backend hcpolicy_triton --radix-cache-backend hcpolicy --disable-cuda-graph"
 )
 
 

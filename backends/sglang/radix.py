@@ -36,6 +36,8 @@ class CompressionAware:
         tracked = self._tracked(req.kv.req_pool_idx)
         if tracked is not None:
             up_to = max(req.kv.cache_protected_len, min(up_to, tracked.kv.intact_length()))
+        elif self._chunking(req.kv.req_pool_idx):  # its policy will compress the whole prompt
+            up_to = req.kv.cache_protected_len
         super().checkpoint(req, up_to=up_to, **kwargs)
         if tracked is not None:
             tracked.kv.protect(req.kv.cache_protected_len)
@@ -57,6 +59,9 @@ class CompressionAware:
         super().on_release(req, checkpointed=checkpointed)
         if self.store is not None:
             self.store.release(req.kv.req_pool_idx)
+
+    def _chunking(self, row: int | None) -> bool:
+        return self.store is not None and row is not None and self.store.chunking(row) is not None
 
     def _tracked(self, row: int | None) -> Any:
         if self.store is None or row is None:

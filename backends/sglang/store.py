@@ -9,6 +9,7 @@ new request never meets the state of the request before it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -70,6 +71,12 @@ class PolicyStore:
         self.runtime = runtime or TransferRuntime(pool.device, check_device_rows=False)
         self.tree_bound = False  # set by the hcpolicy radix cache when it attaches
         self._requests: dict[int, TrackedRequest] = {}
+        self._chunking: dict[int, tuple[int, int]] = {}  # row -> (generation, tree's part) mid chunked prefill
+
+    @functools.cached_property
+    def compresses(self) -> bool:
+        """Whether the policy acts at all (a keep-everything policy leaves SGLang's layout alone)."""
+        return bool(self.policy_factory().requirements().actions)
 
     def generation(self, row: int) -> int:
         return int(self.req_to_token_pool.req_generation[row])
@@ -82,6 +89,22 @@ class PolicyStore:
             return None
         return tracked
 
+    def chunk(self, row: int, *, protected: int) -> None:
+        """The request in ``row`` computed a prompt chunk that is not its last: its policy
+        waits for the last one; until then the tree takes none of its positions past
+        ``protected`` (the part it owned when the prompt started)."""
+        generation = self.generation(row)
+        known = self._chunking.get(row)
+        if known is None or known[0] != generation:
+            self._chunking[row] = (generation, protected)
+
+    def chunking(self, row: int) -> int | None:
+        """The tree's part of a request mid chunked prefill (None: not chunking)."""
+        known = self._chunking.get(row)
+        if known is None or known[0] != self.generation(row):
+            return None
+        return known[1]
+
     def start(self, row: int, *, length: int, protected: int) -> TrackedRequest:
         """Track the request in ``row`` whose prompt of ``length`` tokens was just computed;
         [0, protected) came from the radix tree."""
@@ -90,7 +113,9 @@ class PolicyStore:
                 "hcpolicy's attention backend needs hcpolicy's radix cache (launch with "
                 "--radix-cache-backend hcpolicy): SGLang's own tree would cache compressed rows"
             )
+        chunked = self.chunking(row)
         self.release(row)
+        protected = protected if chunked is None else chunked
         policy = self.policy_factory()
         policy.reset(self.spec, 1)
         kv = RequestKV(
@@ -104,6 +129,7 @@ class PolicyStore:
 
     def release(self, row: int) -> None:
         """Forget ``row``'s request and drop its host copies (its slots are SGLang's to free)."""
+        self._chunking.pop(row, None)
         tracked = self._requests.pop(row, None)
         if tracked is not None:
             tracked.kv.release()

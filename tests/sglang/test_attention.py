@@ -33,6 +33,7 @@ from hcpolicy.policy.base import Policy
 from hcpolicy.policy.baselines import AdaSnapKV, FullKV, StreamingLLM
 from hcpolicy.policy.heterocache import HeteroCachePolicy
 from hcpolicy.reference import ReferenceCache
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 LAYERS = attention_layers(SPEC)
 D, HQ, HKV = SPEC.head_dim, SPEC.num_query_heads, SPEC.num_kv_heads
@@ -200,3 +201,48 @@ def test_compressed_attention_is_dense_attention_over_kept_tokens(name):
     in_rows = sum(int((pools.req_to_token.req_to_token[r.kv.req_pool_idx, : r.kv.kv_committed_len] != 0).sum())
                   for r in reqs)  # fmt: skip
     assert in_rows == sum(s.protected for s in states)  # only the tree's slots remain in the rows
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "adasnapkv"])
+def test_chunked_prefill_compresses_after_the_last_chunk(name):
+    """A prompt computed in two chunks (SGLang's chunked prefill, with its checkpoint in
+    between) gives the same decode outputs as one prefill: the policy runs on the last
+    chunk over the whole prompt, and the tree never took the first chunk's slots."""
+    from sglang.srt.mem_cache.common import checkpoint_kv_cache
+
+    prompt, steps, cut = PROMPTS[1], 3, 20
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(SPEC.num_layers, len(prompt) + steps, w, generator=gen, dtype=torch.float64)
+               for w in (HQ * D, HKV * D, HKV * D))  # fmt: skip
+    outputs = {}
+    for chunked in (False, True):
+        pools = make_pools()
+        tree = make_tree(pools, "unified-python")
+        backend = policy_backend(pools, POLICIES[name], tree)
+        sched = Scheduler(pools, tree)
+        req = sched.admit(prompt, write_kv=False)
+        loc = sched.row(req).long()
+        bounds = [0, cut, len(prompt)] if chunked else [0, len(prompt)]
+        for lo, hi in zip(bounds, bounds[1:]):
+            req.kv.kv_committed_len = req.extend_end = hi
+            req.prefix_len = lo
+            batch = extend_batch([req], loc[lo:hi])
+            batch.orig_seq_lens = torch.tensor([len(prompt)])
+            run_layers(backend, LAYERS, batch, q[:, lo:hi], k[:, lo:hi], v[:, lo:hi])
+            if hi < len(prompt):
+                checkpoint_kv_cache(req, tree)  # what SGLang does between chunks
+                assert backend.store.get(req.kv.req_pool_idx) is None  # no policy yet
+        kv = backend.store.get(req.kv.req_pool_idx).kv
+        assert kv.head_major and kv.prompt_length == len(prompt) and kv.protected == 0
+        assert req.kv.cache_protected_len == 0 and tree.evictable_size() + tree.protected_size() == 0
+        outs = []
+        for step in range(steps):
+            slot = sched.decode_slot(req, token=500 + step)
+            at = len(prompt) + step
+            outs.append(run_layers(backend, LAYERS, decode_batch([req], slot), q[:, at : at + 1], k[:, at : at + 1],
+                                   v[:, at : at + 1]))  # fmt: skip
+        outputs[chunked] = torch.stack(outs)
+        sched.finish(req)
+        tree.evict(EvictParams(num_tokens=10_000))
+        assert pools.allocator.available_size() == 512  # every slot and page came back
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=1e-12)
