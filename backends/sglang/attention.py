@@ -12,11 +12,17 @@
   pages: the wrapped backend sees them as one-token sequences (its rows are replaced),
   their new token's K/V goes to their pages, and SGLang's slot for it becomes theirs.
 
+CUDA graphs (decode): a captured step runs both kernels over every row of the batch, each
+row keeping its own output (``GraphState``); the host work (planning the new token's rows,
+the page tables) runs before each replay. The policies' decode observations cannot run
+inside a graph: the step keeps its queries, and the observations run before the next
+step, so their actions take effect one step later than in an eager step.
+
 Chunked prefill: the policy runs on a prompt's last chunk, over the whole prompt's KV (the
 earlier chunks stay in the request's own slots: the tree does not take them).
 ``seq_lens`` are never touched for positions: they stay logical. Not supported, each with
-a clear error: CUDA graphs, extending a request after its policy ran, mixed-chunk
-batches, speculative decoding.
+a clear error: extending a request after its policy ran, mixed-chunk batches,
+speculative decoding, CUDA graphs for a policy with per-step views (Attend).
 """
 
 from __future__ import annotations
@@ -55,6 +61,67 @@ class PagedStep:
     loc: torch.Tensor
 
 
+@attrs.define
+class GraphState:
+    """Static buffers of decode steps under SGLang's CUDA graphs (one set for every captured
+    batch size, rows [0, bs) used): a captured step runs the paged kernel over every row,
+    with length 0 for rows SGLang's own kernel serves, and keeps each row's output from the
+    right kernel. ``queries`` keep every layer's queries for the policies' decode
+    observations, which run on the host before the next step (one step late: see
+    ``PolicyAttnBackend``)."""
+
+    paged: torch.Tensor  # [max_bs] bool: the row is head-major
+    writes: torch.Tensor  # [N, max_bs, H] int64: rows of the new token's K/V (trash rows of slot 0 otherwise)
+    tables: torch.Tensor  # [N, max_bs, H, M] int32
+    lengths: torch.Tensor  # [N, max_bs, H] int32
+    queries: torch.Tensor  # [N, max_bs, H_q, D]
+    max_length: int  # the kernel's static bound of a head's entries (SGLang's longest request)
+    observed: list = attrs.field(factory=list)  # (batch index, tracked) whose queries the last replay kept
+
+    @classmethod
+    def allocate(cls, store: PolicyStore, max_bs: int, dtype: torch.dtype) -> "GraphState":
+        spec, device = store.spec, store.device
+        longest = store.req_to_token_pool.req_to_token.shape[1]  # SGLang's bound on a request's positions
+        rows = store.page_size * spec.num_kv_heads
+        width = -(-longest // rows) + 2  # pages of the longest head, + a partial page at each end
+        table_bytes = spec.num_layers * max_bs * spec.num_kv_heads * width * 4
+        if table_bytes > GRAPH_TABLE_BYTES:
+            raise ValueError(
+                f"hcpolicy: CUDA-graph page tables for {max_bs} requests of up to {longest} tokens would take "
+                f"{table_bytes / 2**30:.1f} GiB at --page-size {store.page_size}; raise --page-size (16 is plenty) "
+                "or lower --cuda-graph-max-bs"
+            )
+        shape = (spec.num_layers, max_bs, spec.num_kv_heads)
+        trash = torch.arange(spec.num_kv_heads, device=device).expand(*shape).contiguous()  # slot 0's rows
+        return cls(
+            paged=torch.zeros(max_bs, dtype=torch.bool, device=device), writes=trash,
+            tables=torch.zeros(*shape, width, dtype=torch.int32, device=device),
+            lengths=torch.zeros(shape, dtype=torch.int32, device=device),
+            queries=torch.zeros(spec.num_layers, max_bs, spec.num_query_heads, spec.head_dim, dtype=dtype,
+                                device=device),  # fmt: skip
+            max_length=longest,
+        )  # fmt: skip
+
+    def load(self, bs: int, step: "PagedStep | None") -> None:
+        """This replay's rows: head-major ones from ``step``, the rest SGLang's."""
+        self.paged[:bs] = False
+        self.lengths[:, :bs] = 0
+        self.writes[:, :bs] = torch.arange(self.writes.shape[2], device=self.writes.device)
+        if step is None:
+            return
+        width = min(step.tables.shape[3], self.tables.shape[3])
+        if step.tables.shape[3] > width and bool((step.tables[..., width:] != 0).any()):
+            raise RuntimeError("hcpolicy: a head outgrew the CUDA-graph page tables")
+        self.paged[step.index] = True
+        self.writes[:, step.index] = step.writes
+        self.tables[:, step.index, :, :width] = step.tables[..., :width]
+        self.lengths[:, step.index] = step.lengths
+
+
+GRAPH_TABLE_BYTES = 1 << 30  # the most device memory CUDA-graph page tables may take
+GRAPH_TYPICAL_ENTRIES = 16384  # a head's entries the captured kernel's chunking is sized for
+
+
 class PolicyAttnBackend(AttentionBackend):
     """An SGLang ``AttentionBackend`` that applies ``store``'s policy to every request."""
 
@@ -67,22 +134,19 @@ class PolicyAttnBackend(AttentionBackend):
         self.req_to_token_pool = inner.req_to_token_pool
         self._batch: list[tuple[int, int, int, int]] = []  # (row, seq_len, prefix_len, extend_len)
         self._paged: PagedStep | None = None
+        self._graph: GraphState | None = None  # CUDA graphs: ``init_cuda_graph_state``
+        self._capturing = False  # a step being recorded into a graph (``forward_decode`` is static then)
 
     # -- per-batch metadata -------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch: Any) -> None:
         mode = forward_batch.forward_mode
+        self._capturing = False  # an eager step (a batch no captured graph serves)
+        if self._graph is not None:
+            self._observe_replayed()
         self._batch = _batch_rows(forward_batch)
         self._paged = None
         if mode.is_decode():
-            paged = []
-            for i, (row, seq_len, _, _) in enumerate(self._batch):
-                tracked = self.store.get(row)
-                if tracked is not None:
-                    tracked.kv.grow(seq_len)
-                    if tracked.kv.head_major:
-                        paged.append((i, tracked))
-            if paged:
-                self._paged = self._plan_step(forward_batch, paged)
+            self._prepare_decode(forward_batch)
             with self._short_rows(forward_batch):
                 self.inner.init_forward_metadata(forward_batch)
             return
@@ -104,6 +168,17 @@ class PolicyAttnBackend(AttentionBackend):
             raise NotImplementedError(
                 f"hcpolicy: forward mode {mode.name} is not supported (no mixed chunks, no speculative decoding)"
             )
+
+    def _prepare_decode(self, forward_batch: Any) -> None:
+        """Grow every tracked request by its new token and plan the head-major ones' step."""
+        paged = []
+        for i, (row, seq_len, _, _) in enumerate(self._batch):
+            tracked = self.store.get(row)
+            if tracked is not None:
+                tracked.kv.grow(seq_len)
+                if tracked.kv.head_major:
+                    paged.append((i, tracked))
+        self._paged = self._plan_step(forward_batch, paged) if paged else None
 
     def _plan_step(self, forward_batch: Any, paged: list[tuple[int, TrackedRequest]]) -> PagedStep:
         """Host planning of a decode step for head-major requests (one host read: their slots)."""
@@ -147,11 +222,56 @@ class PolicyAttnBackend(AttentionBackend):
         finally:
             forward_batch.seq_lens, forward_batch.seq_lens_cpu, forward_batch.seq_lens_sum = saved
 
-    def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
-        raise NotImplementedError("hcpolicy does not support CUDA graphs: launch with --disable-cuda-graph")
-
+    # -- CUDA graphs (decode) ---------------------------------------------------------------------
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
-        raise NotImplementedError("hcpolicy does not support CUDA graphs: launch with --disable-cuda-graph")
+        if self.store.needs_views:
+            raise NotImplementedError(
+                f"hcpolicy: {self.store.policy_name} attends through per-step views (Attend), which CUDA graphs "
+                "cannot replay; launch with --disable-cuda-graph"
+            )
+        self.inner.init_cuda_graph_state(max_bs, max_num_tokens)
+        self._graph = GraphState.allocate(self.store, max_bs, self.store.dtype)
+
+    def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
+        """Before a captured decode step is recorded (``in_capture``) or replayed: the host
+        work of ``init_forward_metadata`` for the replayed batch (the policies' decode
+        observations of the last replay first, then the new token's planning), written into
+        the static buffers the recorded step reads."""
+        graph = self._graph
+        if graph is None or not forward_batch.forward_mode.is_decode():
+            raise NotImplementedError(f"hcpolicy: CUDA graphs of {forward_batch.forward_mode.name} steps")
+        bs = forward_batch.batch_size
+        if in_capture:
+            self._batch, self._paged, self._capturing = [], None, True
+            graph.load(bs, None)
+            self.inner.init_forward_metadata_out_graph(forward_batch, in_capture=True)
+            return
+        self._capturing = False
+        self._observe_replayed()
+        real = bs - int(getattr(forward_batch, "num_padding", 0) or 0)
+        self._batch = _batch_rows(forward_batch)[:real]
+        self._prepare_decode(forward_batch)
+        graph.load(bs, self._paged)
+        graph.observed = [(i, t) for i, (row, *_) in enumerate(self._batch)
+                          if (t := self.store.get(row)) is not None and t.needs.decode_observations]  # fmt: skip
+        with self._short_rows(forward_batch):
+            self.inner.init_forward_metadata_out_graph(forward_batch, in_capture=False)
+
+    def init_forward_metadata_in_graph(self, forward_batch: Any) -> None:
+        self.inner.init_forward_metadata_in_graph(forward_batch)
+
+    def _observe_replayed(self) -> None:
+        """The decode observations of the last replayed step, from the queries it kept. Their
+        actions take effect from this step on (eager steps: from the observed layer's own
+        attention); a token-major request that acted moves to pages now."""
+        graph = self._graph
+        observed, graph.observed = graph.observed, []
+        for i, tracked in observed:
+            if self.store.get(tracked.row) is not tracked:
+                continue  # finished or replaced since
+            for layer in range(self.store.spec.num_layers):
+                _decode(tracked, layer, graph.queries[layer, i : i + 1])
+            tracked.kv.finalize()
 
     # -- forward ------------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
@@ -170,6 +290,8 @@ class PolicyAttnBackend(AttentionBackend):
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
+        if self._capturing:
+            return self._forward_decode_static(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         tracked = [(i, self.store.get(row)) for i, (row, *_) in enumerate(self._batch)]
         tracked = [(i, t) for i, t in tracked if t is not None]
         observing = [(i, t) for i, t in tracked if t.needs.decode_observations]
@@ -204,6 +326,33 @@ class PolicyAttnBackend(AttentionBackend):
             rows[i] = t.kv.attend(layer_id, queries[i : i + 1], layer.scaling)[0].to(rows.dtype)
             if layer_id == self.store.spec.num_layers - 1:
                 t.kv.finalize()
+        return out
+
+    def _forward_decode_static(self, q, k, v, layer, forward_batch, save_kv_cache: bool, **kwargs):
+        """A decode step as a CUDA graph records it: fixed shapes, no host reads, every row
+        through both kernels, each row keeping its own (``GraphState``)."""
+        graph, layer_id = self._graph, layer.layer_id
+        bs = q.shape[0]
+        queries = q.view(bs, layer.tp_q_head_num, layer.qk_head_dim)
+        graph.queries[layer_id, :bs].copy_(queries)
+        pages = graph.paged[:bs]
+        k_rows, v_rows = _row_views(self.token_to_kv_pool, layer_id)
+        if save_kv_cache and k is not None and v is not None:
+            loc = torch.where(pages, 0, forward_batch.out_cache_loc)  # head-major rows: their pages instead
+            self.token_to_kv_pool.set_kv_buffer(
+                layer, KVWriteLoc(loc, physical=forward_batch.out_cache_loc_is_physical), k, v
+            )
+            dim, dest = k_rows.shape[-1], graph.writes[layer_id, :bs].reshape(-1)
+            k_rows.index_copy_(0, dest, k.reshape(-1, dim).to(k_rows.dtype))
+            v_rows.index_copy_(0, dest, v.reshape(-1, dim).to(v_rows.dtype))
+        out = self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=False, **kwargs)
+        own = paged_decode(
+            queries, k_rows, v_rows, graph.tables[layer_id, :bs], graph.lengths[layer_id, :bs],
+            self.store.page_size * self.store.spec.num_kv_heads, layer.scaling, max_length=graph.max_length,
+            kernel=self.store.kernel, work=bs * self.store.spec.num_kv_heads * GRAPH_TYPICAL_ENTRIES,
+        )  # fmt: skip
+        rows = out.view(bs, layer.tp_q_head_num, layer.v_head_dim)
+        rows.copy_(torch.where(pages.view(-1, 1, 1), own.to(rows.dtype), rows))
         return out
 
     def _write_pages(self, layer: int, step: PagedStep, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -281,10 +430,16 @@ def _decode(tracked: TrackedRequest, layer: int, query: torch.Tensor) -> None:
     kv.apply(tracked.policy.decode(obs))
 
 
+def _row_views(pool: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's K and V of SGLang's pool as rows [slots * H, D]."""
+    k, v = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
+    return k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1])
+
+
 def _batch_rows(forward_batch: Any) -> list[tuple[int, int, int, int]]:
     """(row, seq_len, prefix_len, extend_len) per request, from host copies where SGLang has them."""
-    rows = _host_list(forward_batch.req_pool_indices_cpu, forward_batch.req_pool_indices)
-    seq_lens = _host_list(forward_batch.seq_lens_cpu, forward_batch.seq_lens)
+    rows = _host_list(getattr(forward_batch, "req_pool_indices_cpu", None), forward_batch.req_pool_indices)
+    seq_lens = _host_list(getattr(forward_batch, "seq_lens_cpu", None), forward_batch.seq_lens)
     if forward_batch.forward_mode.is_extend():
         prefix = _host_list(forward_batch.extend_prefix_lens_cpu, forward_batch.extend_prefix_lens)
         extend = _host_list(forward_batch.extend_seq_lens_cpu, forward_batch.extend_seq_lens)

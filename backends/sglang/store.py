@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 
+from hcpolicy.actions import Attend
 from hcpolicy.capabilities import Requirements
 from hcpolicy.kernels.paged_decode import DecodeKernel, resolve_kernel
 from hcpolicy.policy.base import Policy
@@ -67,6 +68,7 @@ class PolicyStore:
         self.pool = pool
         self.allocator = allocator
         self.page_size = int(getattr(allocator, "page_size", 1))
+        self.device, self.dtype = key.device, key.dtype
         self.kernel = resolve_kernel(kernel, key.device)
         self.runtime = runtime or TransferRuntime(pool.device, check_device_rows=False)
         self.tree_bound = False  # set by the hcpolicy radix cache when it attaches
@@ -77,6 +79,15 @@ class PolicyStore:
     def compresses(self) -> bool:
         """Whether the policy acts at all (a keep-everything policy leaves SGLang's layout alone)."""
         return bool(self.policy_factory().requirements().actions)
+
+    @functools.cached_property
+    def needs_views(self) -> bool:
+        """Whether the policy attends through per-step views (Attend)."""
+        return Attend in self.policy_factory().requirements().actions
+
+    @functools.cached_property
+    def policy_name(self) -> str:
+        return type(self.policy_factory()).__name__
 
     def generation(self, row: int) -> int:
         return int(self.req_to_token_pool.req_generation[row])

@@ -34,6 +34,7 @@ from hcpolicy.policy.baselines import AdaSnapKV, FullKV, StreamingLLM
 from hcpolicy.policy.heterocache import HeteroCachePolicy
 from hcpolicy.reference import ReferenceCache
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 
 LAYERS = attention_layers(SPEC)
 D, HQ, HKV = SPEC.head_dim, SPEC.num_query_heads, SPEC.num_kv_heads
@@ -245,4 +246,75 @@ def test_chunked_prefill_compresses_after_the_last_chunk(name):
         sched.finish(req)
         tree.evict(EvictParams(num_tokens=10_000))
         assert pools.allocator.available_size() == 512  # every slot and page came back
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=1e-12)
+
+
+def _padded_decode(reqs, loc: torch.Tensor, bs: int):
+    """A decode batch padded to ``bs`` rows the way SGLang's graph runner pads a replay
+    (padding rows: request row 0, length 1, slot 0)."""
+    batch = decode_batch(reqs, loc)
+    pad = bs - len(reqs)
+    batch.batch_size = bs
+    batch.req_pool_indices = torch.cat([batch.req_pool_indices.long(), torch.zeros(pad, dtype=torch.int64)])
+    batch.req_pool_indices_cpu = batch.req_pool_indices
+    batch.seq_lens = torch.cat([batch.seq_lens.long(), torch.ones(pad, dtype=torch.int64)])
+    batch.seq_lens_cpu = batch.seq_lens
+    batch.seq_lens_sum = int(batch.seq_lens.sum())
+    batch.out_cache_loc = torch.cat([loc, torch.zeros(pad, dtype=loc.dtype)])
+    batch.input_ids = torch.zeros(bs, dtype=torch.int64)
+    batch.positions = batch.seq_lens - 1
+    batch.num_padding = pad
+    return batch
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "adasnapkv"])
+def test_captured_decode_equals_eager_decode(name):
+    """The decode step a CUDA graph records (fixed shapes: both kernels over every row of a
+    padded batch, each row keeping its own) gives the eager step's outputs. On the CPU the
+    recorded code is run as it was captured, after each replay's host preparation."""
+    steps, bs = 3, 4
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(SPEC.num_layers, steps, bs, w, generator=gen, dtype=torch.float64)
+               for w in (HQ * D, HKV * D, HKV * D))  # fmt: skip
+    n = sum(len(p) for p in PROMPTS)
+    prompt_qkv = [torch.randn(SPEC.num_layers, n, w, generator=gen, dtype=torch.float64) for w in (HQ * D, HKV * D, HKV * D)]
+    outputs = {}
+    for graphs in (False, True):
+        pools = make_pools()
+        tree = make_tree(pools, "unified-python")
+        backend = policy_backend(pools, POLICIES[name], tree)
+        sched = Scheduler(pools, tree)
+        reqs = [sched.admit(p) for p in PROMPTS]
+        loc = torch.cat([sched.row(r).long() for r in reqs])
+        run_layers(backend, LAYERS, extend_batch(reqs, loc), *prompt_qkv)
+        if graphs:
+            backend.inner.init_cuda_graph_state = lambda *args: None  # torch-native has no graph state
+            backend.init_cuda_graph_state(bs, bs)
+            capture = _padded_decode([], torch.zeros(0, dtype=torch.int64), bs)
+            backend.init_forward_metadata_out_graph(capture, in_capture=True)
+            with forward_context(ForwardContext(attn_backend=backend)):
+                for i, layer in enumerate(LAYERS):  # the recorded (warm-up) run
+                    layer(q[i, 0], k[i, 0], v[i, 0], capture)
+        outs = []
+        for step in range(steps):
+            slots = torch.cat([sched.decode_slot(r, 900 + step) for r in reqs])
+            if graphs:
+                batch = _padded_decode(reqs, slots, bs)
+                backend.init_forward_metadata_out_graph(batch)  # the replay's host preparation
+                assert backend._capturing is False
+                backend._capturing = True  # what replay runs is the recorded static step
+                with forward_context(ForwardContext(attn_backend=backend)):
+                    out = torch.stack([layer(q[i, step], k[i, step], v[i, step], batch) for i, layer in enumerate(LAYERS)])
+                backend._capturing = False
+            else:
+                batch = decode_batch(reqs, slots)
+                out = run_layers(backend, LAYERS, batch, q[:, step, : len(reqs)], k[:, step, : len(reqs)],
+                                 v[:, step, : len(reqs)])  # fmt: skip
+            outs.append(out[:, : len(reqs)])
+        assert all(backend.store.get(r.kv.req_pool_idx).kv.head_major for r in reqs)
+        outputs[graphs] = torch.stack(outs)
+        for r in reqs:
+            sched.finish(r)
+        tree.evict(EvictParams(num_tokens=10_000))
+        assert pools.allocator.available_size() == 512
     torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=1e-12)
