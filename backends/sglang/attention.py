@@ -387,6 +387,14 @@ class PolicyAttnBackend(AttentionBackend):
         return self.inner.get_cuda_graph_seq_len_fill_value()
 
     @property
+    def needs_cpu_seq_lens(self) -> bool:  # class attributes of SGLang's backends, read off the active one
+        return self.inner.needs_cpu_seq_lens
+
+    @property
+    def extend_dummy_seqs_capped_by_req_pool(self) -> bool:
+        return self.inner.extend_dummy_seqs_capped_by_req_pool
+
+    @property
     def forward_metadata(self) -> Any:
         return self.inner.forward_metadata
 
