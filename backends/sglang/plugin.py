@@ -9,9 +9,12 @@ in the spawned scheduler process before its model runner is built. ``register`` 
   ``<inner>`` backend and wraps it in ``PolicyAttnBackend``; the names join the
   ``--attention-backend`` choices;
 - the radix-cache backend ``hcpolicy`` (``--radix-cache-backend hcpolicy``): SGLang's
-  default tree, made compression aware (``radix.py``).
+  default tree, made compression aware (``radix.py``);
+- a hook (SGLang's ``HookRegistry``, BEFORE) on the scheduler's admission: SGLang stops
+  admitting once a batch is full until a request leaves, and compression frees room
+  without any request leaving, so the hook reopens admission when it did.
 
-Nothing is patched and nothing changes for a server that selects neither. The policy
+Nothing else is patched, and the hook does nothing for a server that selects neither. The policy
 comes from ``HCPOLICY_*`` environment variables (``config.py``), read when the
 attention backend is built, so a bad value stops the server with a clear error.
 """
@@ -22,6 +25,10 @@ from collections.abc import Callable
 from typing import Any
 
 PREFIX = "hcpolicy_"
+# SGLang's admission of new requests (0.5.23): once it finds no room it stops trying until a
+# running request leaves; compression frees room without any leaving, so it is told
+ADMISSION = "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw"
+_hooked = False
 RADIX_BACKEND = "hcpolicy"
 WRAPPED = ("triton", "flashinfer", "fa3", "flex_attention", "torch_native")
 
@@ -40,6 +47,21 @@ def register() -> None:
         if inner in ATTENTION_BACKENDS:
             register_attention_backend(PREFIX + inner)(attention_factory(inner))
     add_attention_backend_choices([n for n in attention_backend_names() if n not in ATTENTION_BACKEND_CHOICES])
+    global _hooked
+    if not _hooked:
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+        HookRegistry.register(ADMISSION, reopen_admission, HookType.BEFORE)
+        _hooked = True
+
+
+def reopen_admission(scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """Before SGLang's scheduler looks for new requests to admit: if compression gave slots
+    back since it last looked, a batch it marked full may have room again."""
+    store = getattr(getattr(scheduler, "tree_cache", None), "store", None)
+    running = kwargs.get("running_batch", args[1] if len(args) > 1 else None)
+    if store is not None and running is not None and store.take_freed():
+        running.batch_is_full = False
 
 
 def attention_backend_names() -> list[str]:
@@ -59,13 +81,17 @@ def attention_factory(inner: str) -> Callable[[Any], Any]:
         from .config import PolicyConfig
         from .store import PolicyStore, model_spec
 
+        from sglang.srt.runtime_context import get_parallel
+
+        parallel = get_parallel()  # attention's tensor parallelism: KV heads split over these ranks
+        rank, ranks = int(parallel.attn_tp_rank), int(parallel.attn_tp_size)
         config = PolicyConfig.from_env()
-        spec = model_spec(runner.model_config, runner.tp_size)  # this rank's heads
+        spec = model_spec(runner.model_config, ranks)  # this rank's heads
         profile = config.load_profile()
         if profile is not None:
             profile.check(model_spec(runner.model_config))  # profiles name the whole model's heads
-            if runner.tp_size > 1:  # a pivot and its satellites must share a rank (else: which sizes fit)
-                profile = profile.shard(runner.tp_rank, runner.tp_size)
+            if ranks > 1:  # a pivot and its satellites must share a rank (else: which sizes fit)
+                profile = profile.shard(rank, ranks)
         config.make_policy(profile)  # a policy that cannot be built stops the server here
         store = PolicyStore(
             spec=spec, policy_factory=lambda: config.make_policy(profile), req_to_token_pool=runner.req_to_token_pool,

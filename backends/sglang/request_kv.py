@@ -25,7 +25,7 @@ positions and RoPE stay right.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Hashable
 
 import numpy as np
@@ -61,6 +61,7 @@ class RequestKV(ActionExecutor):
         allocator: Any,
         runtime: TransferRuntime,
         page_size: int = 1,
+        on_freed: Callable[[int], None] | None = None,
     ) -> None:
         self.key = key
         self.spec = spec
@@ -69,6 +70,7 @@ class RequestKV(ActionExecutor):
         self.allocator = allocator
         self.runtime = runtime
         self.page_size = page_size
+        self.on_freed = on_freed  # told how many slots went back to SGLang (its scheduler may admit more)
         self.protected = protected
         self.prompt_length = length
         self.length = 0
@@ -124,10 +126,10 @@ class RequestKV(ActionExecutor):
             k, v = k_rows[source], v_rows[source]  # every read of the layer before any write
             for h, (k_h, v_h, pos_h) in enumerate(zip(k.split(counts), v.split(counts), position.split(counts))):
                 pages.rebuild(layer, h, k_h, v_h, pos_h, n)
-        self.freed_slots = int((slots[self.protected :] // p != 0).sum())
         self.row[self.protected : n] = 0
         self.pages = pages
-        pages.return_unused()
+        self.freed_slots = pages.return_unused() * p
+        self._freed(self.freed_slots)
         self.visible = self.visible[:, :, :0]
 
     def decode_step(self, length: int, slot: int) -> np.ndarray:
@@ -141,7 +143,7 @@ class RequestKV(ActionExecutor):
         if page != 0 and slot % self.page_size == 0:
             self.pages.adopt(np.array([page]))
         rows = self.pages.plan_append()
-        self.pages.return_unused()
+        self._freed(self.pages.return_unused() * self.page_size)
         return rows
 
     def device_tokens(self) -> int:
@@ -178,7 +180,7 @@ class RequestKV(ActionExecutor):
             mask[self.length :] = True  # positions not written yet arrive visible
             self.visible[action.layer, h] = mask
         if self.head_major:
-            self.pages.return_unused()
+            self._freed(self.pages.return_unused() * self.page_size)
 
     def offload(self, action: Offload) -> None:
         for h in action.heads:
@@ -217,7 +219,7 @@ class RequestKV(ActionExecutor):
             self.pages.rebuild(layer, h, k, v, positions, self.length)
             self.moves += 1
         if self.head_major:
-            self.pages.return_unused()
+            self._freed(self.pages.return_unused() * self.page_size)
 
     def attend_view(self, action: Attend) -> None:
         for i, h in enumerate(action.heads):
@@ -296,6 +298,10 @@ class RequestKV(ActionExecutor):
             self.pages.release()
 
     # -- internals -----------------------------------------------------------------------------
+    def _freed(self, slots: int) -> None:
+        if slots and self.on_freed is not None:
+            self.on_freed(slots)
+
     def _buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pool.get_key_buffer(layer), self.pool.get_value_buffer(layer)
 

@@ -10,6 +10,7 @@ new request never meets the state of the request before it.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +24,8 @@ from hcpolicy.runtime import TransferRuntime
 from hcpolicy.spec import ModelSpec
 
 from .request_kv import RequestKV
+
+logger = logging.getLogger(__name__)
 
 
 @attrs.define(eq=False)
@@ -73,6 +76,7 @@ class PolicyStore:
         self.runtime = runtime or TransferRuntime(pool.device, check_device_rows=False)
         self.tree_bound = False  # set by the hcpolicy radix cache when it attaches
         self._requests: dict[int, TrackedRequest] = {}
+        self.freed_since_admission = 0  # slots compression gave back since SGLang's admission last looked
         self._chunking: dict[int, tuple[int, int]] = {}  # row -> (generation, tree's part) mid chunked prefill
 
     @functools.cached_property
@@ -99,6 +103,15 @@ class PolicyStore:
             self.release(row)
             return None
         return tracked
+
+    def _note_freed(self, slots: int) -> None:
+        self.freed_since_admission += slots
+
+    def take_freed(self) -> int:
+        """Slots compression gave back to SGLang since the last call (the scheduler's
+        admission asks: it stops trying to admit once full until a request leaves)."""
+        freed, self.freed_since_admission = self.freed_since_admission, 0
+        return freed
 
     def chunk(self, row: int, *, protected: int) -> None:
         """The request in ``row`` computed a prompt chunk that is not its last: its policy
@@ -132,7 +145,7 @@ class PolicyStore:
         kv = RequestKV(
             key=(row, self.generation(row)), spec=self.spec, row=self.req_to_token_pool.req_to_token[row],
             length=length, protected=protected, pool=self.pool, allocator=self.allocator, runtime=self.runtime,
-            page_size=self.page_size,
+            page_size=self.page_size, on_freed=self._note_freed,
         )  # fmt: skip
         tracked = TrackedRequest(row, self.generation(row), policy, policy.requirements(), kv)
         self._requests[row] = tracked
@@ -143,6 +156,13 @@ class PolicyStore:
         self._chunking.pop(row, None)
         tracked = self._requests.pop(row, None)
         if tracked is not None:
+            kv = tracked.kv
+            if kv.head_major:
+                logger.info(
+                    "hcpolicy: request in row %d released %d head-major pages (%d rows) for %d positions; "
+                    "%d prompt slots had gone back at compression", row, kv.pages.num_pages, kv.device_tokens(),
+                    kv.length, kv.freed_slots,
+                )  # fmt: skip
             tracked.kv.release()
 
     def __iter__(self) -> Iterator[TrackedRequest]:

@@ -6,11 +6,10 @@ weights through SGLang's own ``load_weights``) and run with SGLang's ``ForwardBa
 ``RadixAttention`` layers, logits processor and torch-native attention backend, on
 SGLang's real pools, allocator and radix cache. What stands in for SGLang here is the
 ``ModelRunner`` and scheduler loop (``sglang_helpers.Scheduler`` calls SGLang's admission
-and release functions in its order). A ``ModelRunner``/``Engine`` cannot run on this
-machine: on a CPU-only torch, SGLang needs either ``sgl_kernel``'s CPU build
-(``SGLANG_USE_CPU_ENGINE=1``: ``memory_pool`` imports ``sgl_kernel`` ops, not on PyPI for
-torch 2.13) or CUDA. The rotary layer imports vllm's op at construction on this platform
-(never runs it): ``stubs/vllm`` stands in for that import only.
+and release functions in its order), so that a step can be inspected; ``test_engine.py``
+runs the whole ``sglang.Engine`` (scheduler and model runner included). The rotary layer
+imports vllm's op at construction on this platform (never runs it): ``stubs/vllm`` stands
+in for that import only.
 """
 
 from __future__ import annotations

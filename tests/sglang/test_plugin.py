@@ -44,12 +44,12 @@ def loaded():
 
 
 def runner(pools: Pools, model_dir) -> types.SimpleNamespace:
-    """The ModelRunner attributes an attention-backend factory reads (a ModelRunner itself
-    needs CUDA or sgl_kernel's CPU build); the ModelConfig is SGLang's, read from disk."""
+    """The ModelRunner attributes an attention-backend factory reads (``test_engine.py`` runs
+    a real one); the ModelConfig is SGLang's, read from disk."""
     from sglang.srt.configs.model_config import ModelConfig
 
     return types.SimpleNamespace(
-        device="cpu", model_config=ModelConfig(model_path=str(model_dir)), tp_size=1,
+        device="cpu", model_config=ModelConfig(model_path=str(model_dir)),
         req_to_token_pool=pools.req_to_token, token_to_kv_pool=pools.kv, token_to_kv_pool_allocator=pools.allocator,
     )  # fmt: skip
 

@@ -97,7 +97,7 @@ def test_slots_return_exactly_through_compress_recall_decode_finish(world):
     # so the request keeps 8 + 4 = 12 of its 32 slots as pages and gives 20 back
     assert kv.head_major and kv.pages.num_pages == 12
     assert pools.allocator.available_size() == free_at_start - 12
-    assert (sched.row(req) == 0).all() and kv.freed_slots == 32
+    assert (sched.row(req) == 0).all() and kv.freed_slots == 20
     assert_holds(kv, tokens, 0, 0, evens)
     assert_holds(kv, tokens, 1, 1, first8)
 
