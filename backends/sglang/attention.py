@@ -423,17 +423,29 @@ def _prefill(tracked: TrackedRequest, layer: int, queries: torch.Tensor, positio
 
 
 def _decode(tracked: TrackedRequest, layer: int, query: torch.Tensor) -> None:
-    """The policy's decode observation of one layer. query: [1, H_q, D] (the new token)."""
+    """The policy's decode observation of one layer. query: [1, H_q, D] (the new token).
+
+    A policy that acts every ``decode_period`` steps gets one observation per period with
+    that many queries (``Requirements``): the KV view is built once a period, not every step."""
     heads = tracked.policy.observed_heads(layer)
     if heads is not None and len(heads) == 0:
         return
-    heads = None if heads is None else list(heads)
     kv = tracked.kv
     position = kv.length - 1
+    step = position - kv.prompt_length
+    period = tracked.needs.decode_period
+    pending = tracked.pending.setdefault(layer, [])
+    pending.append(query[0].clone() if period > 1 else query[0])  # [H_q, D] (graph buffers are reused)
+    if (step + 1) % period and step >= 0:
+        return
+    queries = torch.stack(pending)  # [N, H_q, D]
+    pending.clear()
+    n = queries.shape[0]
+    heads = None if heads is None else list(heads)
     obs = Observation(
-        phase=Phase.DECODE, layer=layer, queries=query.transpose(0, 1)[None],
-        query_positions=torch.tensor([position], device=query.device), cache=kv.view(layer, heads),
-        prompt_length=kv.prompt_length, step=position - kv.prompt_length, heads=heads,
+        phase=Phase.DECODE, layer=layer, queries=queries.transpose(0, 1)[None],
+        query_positions=torch.arange(position - n + 1, position + 1, device=query.device),
+        cache=kv.view(layer, heads), prompt_length=kv.prompt_length, step=step - n + 1, heads=heads,
     )  # fmt: skip
     kv.apply(tracked.policy.decode(obs))
 

@@ -18,8 +18,8 @@ Positions: entries hold ascending logical positions. Head (layer, h) holds the p
 ``tail[layer, h]`` to the sequence's end: decode appends need no bookkeeping per head.
 
 Host state (numpy) plans every change; device copies of the tables are what attention
-reads. Host reads of device memory: none in ``plan_append``; the page moves of
-``rebuild`` read only the sizes they are given.
+reads, and the rows of a head's entries are computed from them on the device. Host reads
+of device memory: none.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ class HeadPages:
         pages = self.take(layer, -(-n // self.rows_per_page))
         self._set_pages(layer, h, pages)
         if n:
-            rows = torch.from_numpy(self.entry_rows(layer, h, np.arange(n))).to(self.device)
+            rows = self._entry_rows(layer, h, n)
             k_rows, v_rows = self.rows(layer)
             k_rows.index_copy_(0, rows, k.to(k_rows.dtype))
             v_rows.index_copy_(0, rows, v.to(v_rows.dtype))
@@ -187,9 +187,15 @@ class HeadPages:
 
     def read(self, layer: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [n, D] of every entry of head (layer, h) (a gathered copy)."""
-        rows = torch.from_numpy(self.entry_rows(layer, h, np.arange(self.lengths[layer, h]))).to(self.device)
+        rows = self._entry_rows(layer, h, int(self.lengths[layer, h]))
         k_rows, v_rows = self.rows(layer)
         return k_rows[rows], v_rows[rows]
+
+    def _entry_rows(self, layer: int, h: int, n: int) -> torch.Tensor:
+        """Rows of entries [0, n) of head (layer, h), computed on the device from its table."""
+        r = self.rows_per_page
+        entries = torch.arange(n, device=self.device)
+        return self.push()[layer, h][entries // r].long() * r + entries % r
 
     def plan_append(self) -> np.ndarray:
         """Room for one more entry in every head (pages taken where a head is full); returns

@@ -38,6 +38,7 @@ class TrackedRequest:
     policy: Policy
     needs: Requirements
     kv: RequestKV
+    pending: dict = attrs.field(factory=dict)  # layer -> decode queries [H_q, D] awaiting the policy's period
 
 
 class PolicyStore:

@@ -63,7 +63,10 @@ class Recording(Policy):
         return self._record(obs, self.inner.decode(obs))
 
     def _record(self, obs: Observation, actions: Sequence[Action]) -> list[Action]:
-        self.log[(obs.phase, obs.step, obs.layer)] = list(actions)
+        # keyed by the step the actions follow: the last of an observation's queries (a
+        # policy with a decode period observes that many steps at once)
+        last = obs.step + obs.queries.shape[2] - 1 if obs.phase == Phase.DECODE else obs.step
+        self.log[(obs.phase, last, obs.layer)] = list(actions)
         return list(actions)
 
 
