@@ -54,6 +54,7 @@ class HeadPages:
         self.held = np.zeros((num_layers, num_kv_heads), dtype=np.int64)  # pages per head
         self.lengths = np.zeros((num_layers, num_kv_heads), dtype=np.int64)  # entries per head
         self.tail = np.zeros((num_layers, num_kv_heads), dtype=np.int64)  # first implicit position
+        self.prompt_entries = np.zeros((num_layers, num_kv_heads), dtype=np.int64)  # entries below the prompt's end
         self.explicit: list[list[torch.Tensor]] = [[_EMPTY] * num_kv_heads for _ in range(num_layers)]
         self.device_table = torch.zeros(num_layers, num_kv_heads, 0, dtype=torch.int32, device=self.device)
         self._dirty: list[tuple[int, int, int, int]] = []  # (layer, h, index, page) not yet on the device
@@ -169,10 +170,12 @@ class HeadPages:
 
     # -- writing -------------------------------------------------------------------------------
     def rebuild(self, layer: int, h: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                length: int) -> None:  # fmt: skip
-        """Head (layer, h) now holds exactly ``positions`` (ascending device int64) with keys
-        and values k, v [n, D] (already gathered: its old pages are given back first)."""
+                length: int, prompt_entries: int) -> None:  # fmt: skip
+        """Head (layer, h) now holds exactly ``positions`` (ascending device int64), the first
+        ``prompt_entries`` of them in the prompt, with keys and values k, v [n, D] (already
+        gathered: its old pages are given back first)."""
         n = positions.numel()
+        self.prompt_entries[layer, h] = prompt_entries
         self.give_back(layer, self.table[layer, h, : self.held[layer, h]])
         pages = self.take(layer, -(-n // self.rows_per_page))
         self._set_pages(layer, h, pages)
@@ -191,10 +194,10 @@ class HeadPages:
         k_rows, v_rows = self.rows(layer)
         return k_rows[rows], v_rows[rows]
 
-    def _entry_rows(self, layer: int, h: int, n: int) -> torch.Tensor:
-        """Rows of entries [0, n) of head (layer, h), computed on the device from its table."""
+    def _entry_rows(self, layer: int, h: int, n: int, start: int = 0) -> torch.Tensor:
+        """Rows of entries [start, n) of head (layer, h), computed on the device from its table."""
         r = self.rows_per_page
-        entries = torch.arange(n, device=self.device)
+        entries = torch.arange(start, n, device=self.device)
         return self.push()[layer, h][entries // r].long() * r + entries % r
 
     def plan_append(self) -> np.ndarray:
@@ -217,6 +220,38 @@ class HeadPages:
         rows = np.take_along_axis(self.table, (entries // r)[..., None], axis=2)[..., 0] * r + entries % r
         self.lengths = self.lengths + 1
         return rows
+
+    def replace_prompt(self, layer: int, heads: list[int], prompt_kv: list[torch.Tensor], prompt: list[torch.Tensor],
+                       length: int) -> None:  # fmt: skip
+        """Each head's prompt entries become ``prompt[i]`` (ascending device positions) with
+        K/V ``prompt_kv[i]`` [n_i, 2, D]; its entries past the prompt (decode tokens) stay, in
+        order. One gather of those, one write of everything (a recall of whole heads)."""
+        k_rows, v_rows = self.rows(layer)
+        kept = [(int(self.prompt_entries[layer, h]), int(self.lengths[layer, h])) for h in heads]
+        tails = [self._entry_rows(layer, h, n, start) for h, (start, n) in zip(heads, kept)]
+        tail_positions = [self.positions(layer, h, length)[start:] for h, (start, _) in zip(heads, kept)]
+        rows = torch.cat(tails)
+        tail_k, tail_v = k_rows[rows].split([len(t) for t in tails]), v_rows[rows].split([len(t) for t in tails])
+        dest, keys, values = [], [], []
+        for i, h in enumerate(heads):
+            start, n = kept[i]
+            count = prompt[i].numel() + n - start
+            self.give_back(layer, self.table[layer, h, : self.held[layer, h]])
+            self._set_pages(layer, h, self.take(layer, -(-count // self.rows_per_page)))
+            dest.append(self.entry_rows(layer, h, np.arange(count)))
+            keys += [prompt_kv[i][:, 0], tail_k[i]]
+            values += [prompt_kv[i][:, 1], tail_v[i]]
+            intact = n - start == length - self.tail[layer, h] and self.explicit[layer][h].numel() <= start
+            if intact:  # every decode token is held and implicit: it stays so
+                self.explicit[layer][h] = prompt[i]
+            else:
+                self.explicit[layer][h] = torch.cat([prompt[i], tail_positions[i]])
+                self.tail[layer, h] = length
+            self.lengths[layer, h] = count
+            self.prompt_entries[layer, h] = prompt[i].numel()
+        index = torch.from_numpy(np.concatenate(dest)).to(self.device)
+        k_rows.index_copy_(0, index, torch.cat(keys).to(k_rows.dtype))
+        v_rows.index_copy_(0, index, torch.cat(values).to(v_rows.dtype))
 
     def kept_entries(self) -> int:
         return int(self.lengths.sum())

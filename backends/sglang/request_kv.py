@@ -77,6 +77,7 @@ class RequestKV(ActionExecutor):
         device = row.device
         self.visible = torch.ones(spec.num_layers, spec.num_kv_heads, 0, dtype=torch.bool, device=device)
         self.host: dict[tuple[int, int], torch.Tensor] = {}  # (layer, head) -> offloaded positions [n]
+        self.host_whole: dict[tuple[int, int], bool] = {}  # (layer, head) -> the host holds its whole prompt
         self.attend_views: dict[tuple[int, int], torch.Tensor] = {}  # (layer, head) -> positions [n]
         self.pages: HeadPages | None = None  # head-major storage, after ``finalize``
         self.touched = False  # an action was applied: the request leaves SGLang's own path
@@ -125,7 +126,8 @@ class RequestKV(ActionExecutor):
             source = slots[position] * h_kv + head
             k, v = k_rows[source], v_rows[source]  # every read of the layer before any write
             for h, (k_h, v_h, pos_h) in enumerate(zip(k.split(counts), v.split(counts), position.split(counts))):
-                pages.rebuild(layer, h, k_h, v_h, pos_h, n)
+                in_prompt = len(pos_h) if n == self.prompt_length else int((pos_h < self.prompt_length).sum())
+                pages.rebuild(layer, h, k_h, v_h, pos_h, n, in_prompt)
         self.row[self.protected : n] = 0
         self.pages = pages
         self.freed_slots = pages.return_unused() * p
@@ -171,7 +173,8 @@ class RequestKV(ActionExecutor):
                 held = self.pages.positions(action.layer, h, self.length)
                 index = self._index_in(held, want, action.layer, h, "Select")
                 k, v = self.pages.read(action.layer, h)
-                self.pages.rebuild(action.layer, h, k[index], v[index], want, self.length)
+                in_prompt = int((want < self.prompt_length).sum())
+                self.pages.rebuild(action.layer, h, k[index], v[index], want, self.length, in_prompt)
                 self.moves += 1
                 continue
             self._require_visible(action.layer, h, want, "Select")
@@ -190,9 +193,13 @@ class RequestKV(ActionExecutor):
                 self.runtime.evict(key)
             self.runtime.offload(key, torch.stack([k, v], dim=1))  # [n, 2, D]
             self.host[(action.layer, h)] = positions
+            self.host_whole[(action.layer, h)] = positions.numel() == self.prompt_length  # host rows = positions
 
     def recall(self, action: Recall) -> None:
         layer = action.layer
+        if self.head_major and all(self.host_whole.get((layer, h), False) for h in action.heads):
+            self._recall_prompts(action)
+            return
         for i, h in enumerate(action.heads):
             host = self.host.get((layer, h))
             if host is None:
@@ -216,10 +223,33 @@ class RequestKV(ActionExecutor):
             positions, order = torch.sort(torch.cat([stay, want]))
             k = torch.cat([k_stay, out[:, 0]])[order]
             v = torch.cat([v_stay, out[:, 1]])[order]
-            self.pages.rebuild(layer, h, k, v, positions, self.length)
+            self.pages.rebuild(layer, h, k, v, positions, self.length, int((positions < self.prompt_length).sum()))
             self.moves += 1
         if self.head_major:
             self._freed(self.pages.return_unused() * self.page_size)
+
+    def _recall_prompts(self, action: Recall) -> None:
+        """A Recall of heads whose whole prompt is on the host (HeteroCache's satellites):
+        the named prompt positions replace each head's prompt entries and its decode tokens
+        stay. Batched over the heads: one host read of the positions (checked there), one
+        transfer, one write (``HeadPages.replace_prompt``)."""
+        layer, heads, selection = action.layer, list(action.heads), action.selection
+        counts = (selection.host_lengths if selection.host_lengths is not None else selection.lengths.cpu())[0].tolist()
+        wants = [selection.indices[0, i, : int(n)] for i, n in enumerate(counts)]
+        host = torch.cat(wants).cpu() if wants else torch.zeros(0, dtype=torch.int64)  # the rows of the host copies
+        for h, want in zip(heads, host.split([int(n) for n in counts])):
+            if want.numel() and (int(want.min()) < 0 or int(want.max()) >= self.prompt_length):
+                raise ActionError(f"layer {layer} head {h}: Recall names positions that were never offloaded")
+            if want.numel() > 1 and not bool((want[1:] > want[:-1]).all()):
+                raise ActionError("Recall positions must be strictly ascending")
+        kv = self.pages.rows(layer)[0]
+        out = torch.empty(host.numel(), 2, kv.shape[-1], dtype=kv.dtype, device=kv.device)
+        parts = out.split([int(n) for n in counts])
+        rows = host.split([int(n) for n in counts])
+        self.runtime.wait(self.runtime.recall_many([(self._host_key(layer, h), r, o) for h, r, o in zip(heads, rows, parts)]))
+        self.pages.replace_prompt(layer, heads, list(parts), wants, self.length)
+        self.moves += len(heads)
+        self._freed(self.pages.return_unused() * self.page_size)
 
     def attend_view(self, action: Attend) -> None:
         for i, h in enumerate(action.heads):
