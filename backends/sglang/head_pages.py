@@ -200,6 +200,13 @@ class HeadPages:
         entries = torch.arange(start, n, device=self.device)
         return self.push()[layer, h][entries // r].long() * r + entries % r
 
+    def pages_needed_next(self) -> int:
+        """New pages the next ``plan_append`` takes beyond those the request already holds
+        (host only): in each layer, the heads with a full last page less the layer's free pages."""
+        full = (self.lengths >= self.held * self.rows_per_page).sum(axis=1)  # [N]
+        free = (~self.used).sum(axis=1)
+        return int(max(0, (full - free).max())) if full.size else 0
+
     def plan_append(self) -> np.ndarray:
         """Room for one more entry in every head (pages taken where a head is full); returns
         the rows [N, H] (host int64) the new token's K and V go to, and counts the entry."""

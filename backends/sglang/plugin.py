@@ -10,9 +10,11 @@ in the spawned scheduler process before its model runner is built. ``register`` 
   ``--attention-backend`` choices;
 - the radix-cache backend ``hcpolicy`` (``--radix-cache-backend hcpolicy``): SGLang's
   default tree, made compression aware (``radix.py``);
-- a hook (SGLang's ``HookRegistry``, BEFORE) on the scheduler's admission: SGLang stops
+- two hooks (SGLang's ``HookRegistry``): before the scheduler's admission (SGLang stops
   admitting once a batch is full until a request leaves, and compression frees room
-  without any request leaving, so the hook reopens admission when it did.
+  without any request leaving, so the hook reopens admission when it did), and after
+  its count of the slots the next decode step needs (a compressed request may need more
+  pages than the one slot it gets, so SGLang retracts before running out, not during).
 
 Nothing else is patched, and the hook does nothing for a server that selects neither. The policy
 comes from ``HCPOLICY_*`` environment variables (``config.py``), read when the
@@ -28,6 +30,9 @@ PREFIX = "hcpolicy_"
 # SGLang's admission of new requests (0.5.23): once it finds no room it stops trying until a
 # running request leaves; compression frees room without any leaving, so it is told
 ADMISSION = "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw"
+# what SGLang's decode-memory check (and so its retraction) counts for the next step: a
+# compressed request may need more pages than the one slot SGLang gives each request
+DECODE_NEED = "sglang.srt.managers.schedule_batch.ScheduleBatch.new_tokens_required_next_decode"
 _hooked = False
 RADIX_BACKEND = "hcpolicy"
 WRAPPED = ("triton", "flashinfer", "fa3", "flex_attention", "torch_native")
@@ -52,7 +57,24 @@ def register() -> None:
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
         HookRegistry.register(ADMISSION, reopen_admission, HookType.BEFORE)
+        HookRegistry.register(DECODE_NEED, add_page_needs, HookType.AFTER)
         _hooked = True
+
+
+def add_page_needs(needed: int, batch: Any, selected_indices: list[int] | None = None, **_: Any) -> int:
+    """After SGLang counts the slots a batch's next decode step takes: add the pages its
+    compressed requests take beyond the slot each gets, so that SGLang retracts requests
+    before a step would run out of pages, never during it."""
+    store = getattr(getattr(batch, "tree_cache", None), "store", None)
+    if store is None:
+        return needed
+    requests = batch.reqs if selected_indices is None else [batch.reqs[i] for i in selected_indices]
+    extra = 0
+    for req in requests:
+        tracked = store.get(req.kv.req_pool_idx) if req.kv.req_pool_idx is not None else None
+        if tracked is not None and tracked.kv.head_major:
+            extra += tracked.kv.pages.pages_needed_next() * store.page_size
+    return needed + extra
 
 
 def reopen_admission(scheduler: Any, *args: Any, **kwargs: Any) -> None:

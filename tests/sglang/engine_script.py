@@ -2,7 +2,8 @@
 
 SPEC (JSON): model (a transformers checkpoint folder), policy ("plain": SGLang alone;
 else the plugin, configured by the HCPOLICY_* environment), tokens (the KV pool's size),
-new (greedy tokens per prompt), prompts (token ids). Prints one JSON line: each prompt's
+new (greedy tokens per prompt), prompts (token ids), ignore_eos (default true; false lets
+SGLang's admission count on early stops, so it may admit more than fits and retract). Prints one JSON line: each prompt's
 output ids and the pool's size. The Engine spawns its scheduler: hence ``__main__``.
 """
 
@@ -24,7 +25,7 @@ if __name__ == "__main__":
         kwargs.update(attention_backend="hcpolicy_torch_native", radix_cache_backend="hcpolicy")
     engine = sgl.Engine(**kwargs)
     try:
-        params = {"temperature": 0, "max_new_tokens": spec["new"], "ignore_eos": True}
+        params = {"temperature": 0, "max_new_tokens": spec["new"], "ignore_eos": spec.get("ignore_eos", True)}
         out = engine.generate(input_ids=spec["prompts"], sampling_params=params)
         info = engine.get_server_info()
         print(json.dumps({"tokens": [o["output_ids"] for o in out], "pool": info["max_total_num_tokens"]}), flush=True)

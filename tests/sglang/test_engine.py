@@ -53,13 +53,13 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def run_engine(checkpoint: Path, policy: str, *, compression: float = 0.5, prompts=PROMPTS, new: int = NEW,
-               tokens: int = 4096) -> tuple[dict, str]:  # fmt: skip
+               tokens: int = 4096, ignore_eos: bool = True) -> tuple[dict, str]:  # fmt: skip
     """(the script's JSON, the Engine's log: its scheduler's lines included)."""
     env = dict(os.environ, SGLANG_PLUGINS="none" if policy == "plain" else "hcpolicy",
                HCPOLICY_POLICY=policy, HCPOLICY_COMPRESSION=str(compression),
                HCPOLICY_PROFILE=str(checkpoint / "profile.json"), OMP_NUM_THREADS="1")  # fmt: skip
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(STUBS)]))
-    spec = dict(model=str(checkpoint), policy=policy, tokens=tokens, new=new, prompts=prompts)
+    spec = dict(model=str(checkpoint), policy=policy, tokens=tokens, new=new, prompts=prompts, ignore_eos=ignore_eos)
     done = subprocess.run([sys.executable, str(SCRIPT), json.dumps(spec)], capture_output=True, text=True, env=env,
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
@@ -123,3 +123,17 @@ def test_sglang_admits_more_requests_when_the_policy_compresses(checkpoint):
     most_plain, most_ours = _most_running(plain_log), _most_running(our_log)
     print(f"most running at once: SGLang {most_plain}, with the plugin {most_ours}")
     assert most_ours >= 1.8 * most_plain, (most_plain, most_ours)
+
+
+def test_sglang_retracts_compressed_requests_before_pages_run_out(checkpoint):
+    """Without ignore_eos SGLang admits on expected early stops and retracts when a decode
+    step no longer fits. A compressed request may need more pages in a step than the one
+    slot SGLang gives it: the plugin adds them to SGLang's count, so SGLang retracts in time
+    (not a failed allocation in the forward pass), the retracted request is computed again,
+    and SGLang's own check at idle finds every slot back (a leak stops the Engine)."""
+    prompts = [[(13 * i + 7 * r) % 125 + 3 for i in range(240)] for r in range(10)]
+    got, log = run_engine(checkpoint, "streamingllm", compression=0.25, prompts=prompts, new=400, tokens=1400,
+                          ignore_eos=False)  # fmt: skip
+    assert "Retract requests" in log
+    assert len(got["tokens"]) == len(prompts) and all(0 < len(t) <= 400 for t in got["tokens"])
+    assert len(re.findall(r"released \d+ head-major pages", log)) > len(prompts)  # a retracted request twice
