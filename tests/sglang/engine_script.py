@@ -2,7 +2,7 @@
 
 SPEC (JSON): model (a transformers checkpoint folder), policy ("plain": SGLang alone;
 else the plugin, configured by the HCPOLICY_* environment), tokens (the KV pool's size),
-new (greedy tokens per prompt), prompts (token ids), ignore_eos (default true; false lets
+new (greedy tokens per prompt), prompts (token ids), page_size (SGLang's, default 1), ignore_eos (default true; false lets
 SGLang's admission count on early stops, so it may admit more than fits and retract). Prints one JSON line: each prompt's
 output ids and the pool's size. The Engine spawns its scheduler: hence ``__main__``.
 """
@@ -18,6 +18,7 @@ if __name__ == "__main__":
         model_path=spec["model"], device="cpu", skip_tokenizer_init=True, sampling_backend="pytorch",
         grammar_backend="none", dtype="float32", disable_cuda_graph=True, max_total_tokens=spec["tokens"],
         mem_fraction_static=0.5, log_level="info", random_seed=0, decode_log_interval=1,
+        page_size=spec.get("page_size", 1),
     )  # fmt: skip
     if spec["policy"] == "plain":
         kwargs["attention_backend"] = "torch_native"

@@ -53,13 +53,14 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def run_engine(checkpoint: Path, policy: str, *, compression: float = 0.5, prompts=PROMPTS, new: int = NEW,
-               tokens: int = 4096, ignore_eos: bool = True) -> tuple[dict, str]:  # fmt: skip
+               tokens: int = 4096, ignore_eos: bool = True, page_size: int = 1) -> tuple[dict, str]:  # fmt: skip
     """(the script's JSON, the Engine's log: its scheduler's lines included)."""
     env = dict(os.environ, SGLANG_PLUGINS="none" if policy == "plain" else "hcpolicy",
                HCPOLICY_POLICY=policy, HCPOLICY_COMPRESSION=str(compression),
                HCPOLICY_PROFILE=str(checkpoint / "profile.json"), OMP_NUM_THREADS="1")  # fmt: skip
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(STUBS)]))
-    spec = dict(model=str(checkpoint), policy=policy, tokens=tokens, new=new, prompts=prompts, ignore_eos=ignore_eos)
+    spec = dict(model=str(checkpoint), policy=policy, tokens=tokens, new=new, prompts=prompts, ignore_eos=ignore_eos,
+                page_size=page_size)  # fmt: skip
     done = subprocess.run([sys.executable, str(SCRIPT), json.dumps(spec)], capture_output=True, text=True, env=env,
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
@@ -97,11 +98,15 @@ def test_plain_and_full_give_transformers_tokens(checkpoint):
     assert "head-major" not in log  # keep-everything never leaves SGLang's own layout
 
 
-@pytest.mark.parametrize("policy, compression", [("streamingllm", 0.4), ("heterocache", 0.7)])
-def test_compressed_engine_gives_the_hf_backends_tokens(checkpoint, policy, compression):
+@pytest.mark.parametrize("policy, compression, page_size", [
+    ("streamingllm", 0.4, 1), ("streamingllm", 0.4, 4), ("heterocache", 0.7, 1),
+])  # fmt: skip
+def test_compressed_engine_gives_the_hf_backends_tokens(checkpoint, policy, compression, page_size):
+    """Pages of 4 slots: a head-major page is 4 x 2 rows a layer, and SGLang's paged decode
+    allocation (a fresh page every 4 steps) feeds it."""
     expected = hf_tokens(checkpoint, policy, compression)  # heterocache: a full pivot in 2 heads, so above 0.5
     assert expected != hf_tokens(checkpoint, "full")  # the policy changes the answer: the check can fail
-    got, log = run_engine(checkpoint, policy, compression=compression)
+    got, log = run_engine(checkpoint, policy, compression=compression, page_size=page_size)
     assert got["tokens"] == expected
     released = re.findall(r"released (\d+) head-major pages \((\d+) rows\) for (\d+) positions", log)
     assert len(released) == len(PROMPTS)
