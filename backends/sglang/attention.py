@@ -41,7 +41,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-from .head_pages import stack_tables
+from .head_pages import row_views, stack_tables
 from .store import PolicyStore, TrackedRequest
 
 
@@ -191,12 +191,12 @@ class PolicyAttnBackend(AttentionBackend):
         self.req_to_token_pool.req_to_token[rows, torch.tensor(seq, device=device) - 1] = 0
         writes = np.stack([t.kv.decode_step(s, slot) for (_, t), s, slot in zip(paged, seq, slots)], axis=1)
         tracked = tuple(t for _, t in paged)
-        tables, lengths = stack_tables([t.kv.pages for t in tracked])
+        tables, lengths, longest = stack_tables([t.kv.pages for t in tracked])
         loc = forward_batch.out_cache_loc.clone()
         loc[index] = 0
         return PagedStep(
             index=index, tracked=tracked, writes=torch.from_numpy(writes).to(device), tables=tables,
-            lengths=lengths, max_length=int(max(t.kv.pages.lengths.max() for t in tracked)), loc=loc,
+            lengths=lengths, max_length=longest, loc=loc,
         )  # fmt: skip
 
     @contextlib.contextmanager
@@ -319,8 +319,7 @@ class PolicyAttnBackend(AttentionBackend):
         rows = out.view(-1, layer.tp_q_head_num, layer.v_head_dim)  # [B, H_q, D]
         if step is not None:
             if moved:  # the policy moved rows of head-major requests: their tables changed
-                step.tables, step.lengths = stack_tables([t.kv.pages for t in step.tracked])
-                step.max_length = max(int(t.kv.pages.lengths.max()) for t in step.tracked)
+                step.tables, step.lengths, step.max_length = stack_tables([t.kv.pages for t in step.tracked])
             self._attend_pages(layer, step, queries, rows)
         for i, t in masked:
             rows[i] = t.kv.attend(layer_id, queries[i : i + 1], layer.scaling)[0].to(rows.dtype)
@@ -336,15 +335,13 @@ class PolicyAttnBackend(AttentionBackend):
         queries = q.view(bs, layer.tp_q_head_num, layer.qk_head_dim)
         graph.queries[layer_id, :bs].copy_(queries)
         pages = graph.paged[:bs]
-        k_rows, v_rows = _row_views(self.token_to_kv_pool, layer_id)
+        k_rows, v_rows = row_views(self.token_to_kv_pool, layer_id)
         if save_kv_cache and k is not None and v is not None:
             loc = torch.where(pages, 0, forward_batch.out_cache_loc)  # head-major rows: their pages instead
             self.token_to_kv_pool.set_kv_buffer(
                 layer, KVWriteLoc(loc, physical=forward_batch.out_cache_loc_is_physical), k, v
             )
-            dim, dest = k_rows.shape[-1], graph.writes[layer_id, :bs].reshape(-1)
-            k_rows.index_copy_(0, dest, k.reshape(-1, dim).to(k_rows.dtype))
-            v_rows.index_copy_(0, dest, v.reshape(-1, dim).to(v_rows.dtype))
+            _scatter_rows(k_rows, v_rows, graph.writes[layer_id, :bs], k, v)
         out = self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=False, **kwargs)
         own = paged_decode(
             queries, k_rows, v_rows, graph.tables[layer_id, :bs], graph.lengths[layer_id, :bs],
@@ -357,17 +354,16 @@ class PolicyAttnBackend(AttentionBackend):
 
     def _write_pages(self, layer: int, step: PagedStep, k: torch.Tensor, v: torch.Tensor) -> None:
         """The new token's K/V of head-major requests into their pages (rows ``step.writes``)."""
-        k_rows, v_rows = step.tracked[0].kv.pages.rows(layer)
+        k_rows, v_rows = row_views(self.token_to_kv_pool, layer)
         dim = k_rows.shape[-1]
-        dest = step.writes[layer].reshape(-1)  # [B' * H]
-        k_rows.index_copy_(0, dest, k.reshape(k.shape[0], -1, dim)[step.index].reshape(-1, dim).to(k_rows.dtype))
-        v_rows.index_copy_(0, dest, v.reshape(v.shape[0], -1, dim)[step.index].reshape(-1, dim).to(v_rows.dtype))
+        k, v = (x.reshape(x.shape[0], -1, dim)[step.index] for x in (k, v))  # [B', H, D]
+        _scatter_rows(k_rows, v_rows, step.writes[layer], k, v)
 
     def _attend_pages(self, layer: Any, step: PagedStep, queries: torch.Tensor, rows: torch.Tensor) -> None:
         """Head-major requests' attention by the paged kernel (a request with Attend views at
         this layer takes the gathered path instead)."""
         layer_id = layer.layer_id
-        k_rows, v_rows = step.tracked[0].kv.pages.rows(layer_id)
+        k_rows, v_rows = row_views(self.token_to_kv_pool, layer_id)
         out = paged_decode(
             queries[step.index], k_rows, v_rows, step.tables[layer_id], step.lengths[layer_id],
             step.tracked[0].kv.pages.rows_per_page, layer.scaling, max_length=step.max_length,
@@ -450,10 +446,13 @@ def _decode(tracked: TrackedRequest, layer: int, query: torch.Tensor) -> None:
     kv.apply(tracked.policy.decode(obs))
 
 
-def _row_views(pool: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's K and V of SGLang's pool as rows [slots * H, D]."""
-    k, v = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
-    return k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1])
+def _scatter_rows(k_rows: torch.Tensor, v_rows: torch.Tensor, dest: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor) -> None:  # fmt: skip
+    """The new token's K and V of each (request, head) into rows ``dest`` [B, H] of the
+    layer's row views; k, v: [B, H * D] or [B, H, D]."""
+    dim, dest = k_rows.shape[-1], dest.reshape(-1)
+    k_rows.index_copy_(0, dest, k.reshape(-1, dim).to(k_rows.dtype))
+    v_rows.index_copy_(0, dest, v.reshape(-1, dim).to(v_rows.dtype))
 
 
 def _batch_rows(forward_batch: Any) -> list[tuple[int, int, int, int]]:

@@ -61,9 +61,7 @@ class HeadPages:
 
     # -- rows ----------------------------------------------------------------------------------
     def rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's K and V as rows [slots * H, D] (views of SGLang's buffers)."""
-        k, v = self.pool.get_key_buffer(layer), self.pool.get_value_buffer(layer)
-        return k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1])
+        return row_views(self.pool, layer)
 
     def entry_rows(self, layer: int, h: int, entries: np.ndarray) -> np.ndarray:
         """Row numbers (host int64) of entries of head (layer, h)."""
@@ -118,6 +116,16 @@ class HeadPages:
         self._free(self.pages[idle])
         self.pages, self.used = self.pages[~idle], self.used[:, ~idle]
         return int(idle.sum())
+
+    def return_if_idle(self, page: int) -> int:
+        """``page`` back to SGLang's allocator if no layer uses it (a decode step's adopted
+        slot that no head needed yet; cheaper than ``return_unused``'s scan); returns 1 if so."""
+        index = np.flatnonzero(self.pages == page)
+        if index.size == 0 or self.used[:, index[0]].any():
+            return 0
+        self._free(self.pages[index])
+        self.pages, self.used = np.delete(self.pages, index), np.delete(self.used, index, axis=1)
+        return 1
 
     def release(self) -> None:
         """Every page back to SGLang's allocator."""
@@ -267,11 +275,18 @@ class HeadPages:
 _EMPTY = torch.zeros(0, dtype=torch.int64)
 
 
-def stack_tables(requests: Sequence[HeadPages]) -> tuple[torch.Tensor, torch.Tensor]:
+def row_views(pool: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's K and V of SGLang's pool as rows [slots * H, D] (views of its buffers)."""
+    k, v = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
+    return k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1])
+
+
+def stack_tables(requests: Sequence[HeadPages]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Page tables [N, B, H, M] (int32) and lengths [N, B, H] (int32) of ``requests`` for one
-    decode step (after their ``plan_append``)."""
+    decode step (after their ``plan_append``), and the longest head's entries (host)."""
     tables = [r.push() for r in requests]
     width = max(1, max(t.shape[2] for t in tables))
     tables = [torch.nn.functional.pad(t, (0, width - t.shape[2])) if t.shape[2] < width else t for t in tables]
-    lengths = torch.from_numpy(np.stack([r.lengths for r in requests], axis=1).astype(np.int32))
-    return torch.stack(tables, dim=1), lengths.to(tables[0].device)
+    host = np.stack([r.lengths for r in requests], axis=1)
+    lengths = torch.from_numpy(host.astype(np.int32))
+    return torch.stack(tables, dim=1), lengths.to(tables[0].device), int(host.max())

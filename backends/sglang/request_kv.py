@@ -142,10 +142,12 @@ class RequestKV(ActionExecutor):
         assert self.pages is not None
         self.length = length
         page = slot // self.page_size
-        if page != 0 and slot % self.page_size == 0:
+        fresh = page != 0 and slot % self.page_size == 0
+        if fresh:
             self.pages.adopt(np.array([page]))
         rows = self.pages.plan_append()
-        self._freed(self.pages.return_unused() * self.page_size)
+        if fresh:  # only the adopted page can have become idle: pages a step takes are used
+            self._freed(self.pages.return_if_idle(page) * self.page_size)
         return rows
 
     def device_tokens(self) -> int:

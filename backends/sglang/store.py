@@ -81,18 +81,23 @@ class PolicyStore:
         self._chunking: dict[int, tuple[int, int]] = {}  # row -> (generation, tree's part) mid chunked prefill
 
     @functools.cached_property
+    def _probe(self) -> Policy:
+        """One policy built to read what every request's policy declares (built on first need)."""
+        return self.policy_factory()
+
+    @property
     def compresses(self) -> bool:
         """Whether the policy acts at all (a keep-everything policy leaves SGLang's layout alone)."""
-        return bool(self.policy_factory().requirements().actions)
+        return bool(self._probe.requirements().actions)
 
-    @functools.cached_property
+    @property
     def needs_views(self) -> bool:
         """Whether the policy attends through per-step views (Attend)."""
-        return Attend in self.policy_factory().requirements().actions
+        return Attend in self._probe.requirements().actions
 
-    @functools.cached_property
+    @property
     def policy_name(self) -> str:
-        return type(self.policy_factory()).__name__
+        return type(self._probe).__name__
 
     def generation(self, row: int) -> int:
         return int(self.req_to_token_pool.req_generation[row])
