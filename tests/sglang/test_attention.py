@@ -207,6 +207,27 @@ def test_compressed_attention_is_dense_attention_over_kept_tokens(name):
     assert in_rows == sum(s.protected for s in states)  # only the tree's slots remain in the rows
 
 
+def _random_qkv(gen: torch.Generator, *lead: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 q, k, v of every layer: [layers, *lead, H * D] for H = H_q, H_kv, H_kv."""
+    return tuple(torch.randn(SPEC.num_layers, *lead, w, generator=gen, dtype=torch.float64)
+                 for w in (HQ * D, HKV * D, HKV * D))  # fmt: skip
+
+
+def _world(name: str):
+    """Fresh pools, SGLang's default tree, the wrapper with POLICIES[name], a scheduler."""
+    pools = make_pools()
+    tree = make_tree(pools, "unified-python")
+    return pools, tree, policy_backend(pools, POLICIES[name], tree), Scheduler(pools, tree)
+
+
+def _finish_all(pools, tree, sched: Scheduler, reqs) -> None:
+    """Finish ``reqs``, empty the tree, and check every slot and page came back."""
+    for req in reqs:
+        sched.finish(req)
+    tree.evict(EvictParams(num_tokens=10_000))
+    assert pools.allocator.available_size() == 512
+
+
 @pytest.mark.parametrize("name", ["streamingllm", "adasnapkv"])
 def test_chunked_prefill_compresses_after_the_last_chunk(name):
     """A prompt computed in two chunks (SGLang's chunked prefill, with its checkpoint in
@@ -216,14 +237,10 @@ def test_chunked_prefill_compresses_after_the_last_chunk(name):
 
     prompt, steps, cut = PROMPTS[1], 3, 20
     gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(SPEC.num_layers, len(prompt) + steps, w, generator=gen, dtype=torch.float64)
-               for w in (HQ * D, HKV * D, HKV * D))  # fmt: skip
+    q, k, v = _random_qkv(gen, len(prompt) + steps)
     outputs = {}
     for chunked in (False, True):
-        pools = make_pools()
-        tree = make_tree(pools, "unified-python")
-        backend = policy_backend(pools, POLICIES[name], tree)
-        sched = Scheduler(pools, tree)
+        pools, tree, backend, sched = _world(name)
         req = sched.admit(prompt, write_kv=False)
         loc = sched.row(req).long()
         bounds = [0, cut, len(prompt)] if chunked else [0, len(prompt)]
@@ -246,9 +263,7 @@ def test_chunked_prefill_compresses_after_the_last_chunk(name):
             outs.append(run_layers(backend, LAYERS, decode_batch([req], slot), q[:, at : at + 1], k[:, at : at + 1],
                                    v[:, at : at + 1]))  # fmt: skip
         outputs[chunked] = torch.stack(outs)
-        sched.finish(req)
-        tree.evict(EvictParams(num_tokens=10_000))
-        assert pools.allocator.available_size() == 512  # every slot and page came back
+        _finish_all(pools, tree, sched, [req])
     torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=1e-12)
 
 
@@ -277,16 +292,11 @@ def test_captured_decode_equals_eager_decode(name):
     recorded code is run as it was captured, after each replay's host preparation."""
     steps, bs = 3, 4
     gen = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(SPEC.num_layers, steps, bs, w, generator=gen, dtype=torch.float64)
-               for w in (HQ * D, HKV * D, HKV * D))  # fmt: skip
-    n = sum(len(p) for p in PROMPTS)
-    prompt_qkv = [torch.randn(SPEC.num_layers, n, w, generator=gen, dtype=torch.float64) for w in (HQ * D, HKV * D, HKV * D)]
+    q, k, v = _random_qkv(gen, steps, bs)
+    prompt_qkv = _random_qkv(gen, sum(len(p) for p in PROMPTS))
     outputs = {}
     for graphs in (False, True):
-        pools = make_pools()
-        tree = make_tree(pools, "unified-python")
-        backend = policy_backend(pools, POLICIES[name], tree)
-        sched = Scheduler(pools, tree)
+        pools, tree, backend, sched = _world(name)
         reqs = [sched.admit(p) for p in PROMPTS]
         loc = torch.cat([sched.row(r).long() for r in reqs])
         run_layers(backend, LAYERS, extend_batch(reqs, loc), *prompt_qkv)
@@ -316,8 +326,5 @@ def test_captured_decode_equals_eager_decode(name):
             outs.append(out[:, : len(reqs)])
         assert all(backend.store.get(r.kv.req_pool_idx).kv.head_major for r in reqs)
         outputs[graphs] = torch.stack(outs)
-        for r in reqs:
-            sched.finish(r)
-        tree.evict(EvictParams(num_tokens=10_000))
-        assert pools.allocator.available_size() == 512
+        _finish_all(pools, tree, sched, reqs)
     torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=1e-12)
