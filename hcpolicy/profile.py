@@ -182,9 +182,9 @@ class HeadProfile:
         if heads % ranks:
             raise ValueError(f"{heads} KV heads do not split evenly over {ranks} tensor-parallel ranks "
                              "(replicated KV heads are not supported)")  # fmt: skip
-        fits = [n for n in range(1, heads + 1) if heads % n == 0 and not self._crossing(n)]
         crossing = self._crossing(ranks)
         if crossing:
+            fits = [n for n in range(1, heads + 1) if heads % n == 0 and not self._crossing(n)]
             layer, pivot, sats = crossing
             raise ValueError(
                 f"layer {layer}: pivot {pivot} and its satellites {list(sats)} fall on different tensor-parallel "

@@ -16,7 +16,7 @@ in the spawned scheduler process before its model runner is built. ``register`` 
   its count of the slots the next decode step needs (a compressed request may need more
   pages than the one slot it gets, so SGLang retracts before running out, not during).
 
-Nothing else is patched, and the hook does nothing for a server that selects neither. The policy
+Nothing else is patched, and the hooks do nothing for a server that selects neither. The policy
 comes from ``HCPOLICY_*`` environment variables (``config.py``), read when the
 attention backend is built, so a bad value stops the server with a clear error.
 """
@@ -65,7 +65,7 @@ def add_page_needs(needed: int, batch: Any, selected_indices: list[int] | None =
     """After SGLang counts the slots a batch's next decode step takes: add the pages its
     compressed requests take beyond the slot each gets, so that SGLang retracts requests
     before a step would run out of pages, never during it."""
-    store = getattr(getattr(batch, "tree_cache", None), "store", None)
+    store = _store_of(batch)
     if store is None:
         return needed
     requests = batch.reqs if selected_indices is None else [batch.reqs[i] for i in selected_indices]
@@ -77,10 +77,15 @@ def add_page_needs(needed: int, batch: Any, selected_indices: list[int] | None =
     return needed + extra
 
 
+def _store_of(owner: Any) -> Any:
+    """The PolicyStore behind a scheduler's or a batch's tree cache (None: not hcpolicy's tree)."""
+    return getattr(getattr(owner, "tree_cache", None), "store", None)
+
+
 def reopen_admission(scheduler: Any, *args: Any, **kwargs: Any) -> None:
     """Before SGLang's scheduler looks for new requests to admit: if compression gave slots
     back since it last looked, a batch it marked full may have room again."""
-    store = getattr(getattr(scheduler, "tree_cache", None), "store", None)
+    store = _store_of(scheduler)
     running = kwargs.get("running_batch", args[1] if len(args) > 1 else None)
     if store is not None and running is not None and store.take_freed():
         running.batch_is_full = False
