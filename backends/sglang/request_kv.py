@@ -216,9 +216,9 @@ class RequestKV(ActionExecutor):
                 self.visible[layer, h] = keep
                 continue
             held = self.pages.positions(layer, h, self.length)
-            stay = held[~torch.isin(held, host)]  # the offloaded range is replaced; later tokens stay
+            keep = ~torch.isin(held, host)  # the offloaded range is replaced; later tokens stay
             k_held, v_held = self.pages.read(layer, h)
-            k_stay, v_stay = k_held[~torch.isin(held, host)], v_held[~torch.isin(held, host)]
+            stay, k_stay, v_stay = held[keep], k_held[keep], v_held[keep]
             out = torch.empty(want.numel(), 2, k_held.shape[-1], dtype=k_held.dtype, device=k_held.device)
             rows = torch.searchsorted(host, want)
             self.runtime.wait(self.runtime.recall(self._host_key(layer, h), rows, out))

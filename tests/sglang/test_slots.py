@@ -244,3 +244,17 @@ def test_pages_above_one_slot(monkeypatch):
     assert allocator.available_size() == free_at_start - 4 * kv.pages.num_pages
     store.release(row_id)
     assert allocator.available_size() == free_at_start
+
+
+def test_recall_of_a_partly_offloaded_head(world):
+    """A head whose host copy is part of its prompt (offloaded after a Select) recalls
+    through the general path: the offloaded range is replaced, the rest stays."""
+    pools, tree, store, sched = world
+    tokens = list(range(1, 21))
+    kv = track(store, sched.admit(tokens)).kv
+    kv.apply([Select(layer=1, heads=[1], selection=selection([1, 2, 3, 15]))])
+    kv.finalize()
+    kv.apply([Offload(layer=1, heads=[1]), Select(layer=1, heads=[1], selection=selection([1]))])
+    assert not kv.host_whole[(1, 1)]
+    kv.apply([Recall(layer=1, heads=[1], selection=selection([2, 15]))])
+    assert_holds(kv, tokens, 1, 1, [2, 15])  # 1 was in the offloaded range: replaced
